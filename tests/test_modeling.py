@@ -9,7 +9,12 @@ from mlkv.convert import parameter_count
 from mlkv.sharing import PAPER_PRESETS
 from tiny import VOCAB, tiny_model
 
-ATOL = 1e-5  # fp32
+ATOL = 5e-5  # fp32, 12 layers of large random weights (std 0.2): logits up to ~10
+RTOL = 1e-5  # 12 random layers in fp32 reorder sums by ~1e-5 of the logits
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL)
 RANDOM_MAPS = [[0, 0, 2, 0], [0, 1, 1, 0], [0, 0, 0, 3]]
 
 
@@ -50,13 +55,13 @@ def test_all_paths_agree(flavor, plan):
     model = build(flavor, plan)
     ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
     full = model(ids, use_cache=False).logits
-    assert torch.allclose(decode_logits(model, ids, DynamicCache(config=model.config), 10), full, atol=ATOL)
+    close(decode_logits(model, ids, DynamicCache(config=model.config), 10), full)
     static = StaticCache(config=model.config, max_cache_len=32)
-    assert torch.allclose(decode_logits(model, ids, static, 10), full, atol=ATOL)
-    assert torch.allclose(decode_logits(model, ids, DynamicCache(config=model.config), 24, chunk=7), full, atol=ATOL)
+    close(decode_logits(model, ids, static, 10), full)
+    close(decode_logits(model, ids, DynamicCache(config=model.config), 24, chunk=7), full)
     eager = build(flavor, plan, attn="eager")
     eager.load_state_dict(model.state_dict())
-    assert torch.allclose(eager(ids, use_cache=False).logits, full, atol=ATOL)
+    close(eager(ids, use_cache=False).logits, full)
 
 
 @pytest.mark.parametrize("flavor", ["gpt_neox", "llama"])
@@ -71,7 +76,7 @@ def test_gradient_checkpointing_same_logits_and_grads(flavor):
         out.loss.backward()
         grads.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}))
     (l0, g0), (l1, g1) = grads
-    assert torch.allclose(l0, l1, atol=ATOL)
+    close(l0, l1)
     assert g0.keys() == g1.keys()
     for name in g0:
         assert torch.allclose(g0[name], g1[name], atol=1e-5), name

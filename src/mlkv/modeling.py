@@ -171,24 +171,41 @@ class MLKVAttention(nn.Module):
             self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.attention_out_bias)
 
-    def project_kv(self, x: torch.Tensor, cos, sin, past_key_values: Cache | None):
-        """Producer only: project, rotate keys, append to the cache. Returns K, V as (B, H_kv, S, D)."""
+    def project(self, x: torch.Tensor):
+        """Q (B, H, T, D) and, for a producer, K and V (B, H_kv, T, D), none of them rotated yet.
+
+        A producer runs its three projections as one matmul over the concatenated weights (the concatenation is a
+        cheap copy of the weights; the fused matmul is what GPT-NeoX's fused ``query_key_value`` gains).
+        """
         B, T, _ = x.shape
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
-        k = apply_rotary(k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)  # (B, H_kv, S, D)
-        return k, v
+        H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
+        if not self.is_producer:
+            return self.q_proj(x).view(B, T, H, D).transpose(1, 2), None, None  # (B, H, T, D)
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projs])  # ((H + 2 H_kv) D, hidden)
+        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        q, k, v = F.linear(x, weight, bias).split([H * D, H_kv * D, H_kv * D], dim=-1)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, H_kv, D).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(B, T, H_kv, D).transpose(1, 2)  # (B, H_kv, T, D)
+        return q, k, v
 
     def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor] | None, position_embeddings, attention_mask,
                 past_key_values: Cache | None = None):
-        """``kv`` is the producer's (K, V) for a consumer and ``None`` for a producer. Returns (out, K, V)."""
+        """``kv`` is the producer's (K, V) for a consumer and ``None`` for a producer. Returns (out, K, V).
+
+        A producer rotates its keys once and appends them to the cache; consumers receive those rotated keys.
+        """
         B, T, _ = x.shape
         cos, sin = position_embeddings
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        q, k, v = self.project(x)
         q = apply_rotary(q, cos, sin)
-        k, v = self.project_kv(x, cos, sin, past_key_values) if self.is_producer else kv
+        if self.is_producer:
+            k = apply_rotary(k, cos, sin)
+            if past_key_values is not None:
+                k, v = past_key_values.update(k, v, self.layer_idx)  # (B, H_kv, S, D)
+        else:
+            k, v = kv
         attend = ATTENTION_FUNCTIONS.get(self.config._attn_implementation, sdpa_attention)
         dropout = self.config.attention_dropout if self.training else 0.0
         out = attend(q, k, v, attention_mask, self.scaling, dropout, self.training)  # (B, T, H, D)
