@@ -183,3 +183,19 @@ def test_bad_init_and_kv_heads_errors(tmp_path):
         convert_state(tmp_path, "mha", init="best")
     with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by num_key_value_heads \(3\)"):
         convert_state(tmp_path, "3x3")
+
+
+@torch.no_grad()
+def test_an_mha_mlkv_checkpoint_converts_to_a_plan(tmp_path):
+    from tiny import tiny_model
+
+    model = tiny_model("gpt_neox")  # every layer a producer
+    model.save_pretrained(tmp_path / "mha")
+    state, config = convert_state(tmp_path / "mha", "2x1")
+    assert config.kv_source_layers == [0, 0, 2, 2]
+    mha_state, mha_config = convert_state(tmp_path / "mha", "mha")
+    ids = torch.randint(0, VOCAB, (1, 10))
+    assert torch.allclose(build_model(mha_state, mha_config).eval()(ids).logits, model(ids).logits, atol=ATOL)
+    build_model(state, config).save_pretrained(tmp_path / "shared")
+    with pytest.raises(ConversionError, match=r"already shares K/V across layers"):
+        convert_state(tmp_path / "shared", "1x1")

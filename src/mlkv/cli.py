@@ -88,38 +88,20 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 # ---- generate -------------------------------------------------------------------------------------------------------
-def load_tokenizer_for(model_dir: str | Path, tokenizer: str | None = None):
-    """The checkpoint's tokenizer (transformers' AutoTokenizer, or a bare tokenizer.json)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-    source = Path(tokenizer or model_dir)
-    if source.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(source))
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as err:
-        if (source / "tokenizer.json").is_file():
-            return PreTrainedTokenizerFast(tokenizer_file=str(source / "tokenizer.json"))
-        raise FileNotFoundError(f"no tokenizer in {source}; pass --tokenizer PATH/tokenizer.json") from err
-
-
 def cmd_generate(args) -> int:
     """Continue prompts with a checkpoint, using its tokenizer. --engine hf uses transformers' generate(); --engine
     fast uses mlkv's static-cache engine (CUDA-graph decode on GPU)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from . import modeling  # noqa: F401  (registers the model)
+    from .evaluate import load_model
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
         prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
     if not prompts:
         raise SystemExit("give at least one --prompt or a --prompts-file")
-    tok = load_tokenizer_for(args.model, args.tokenizer)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    model, tok = load_model(args.model, device, args.dtype, args.tokenizer)
     ids = [tok(p)["input_ids"] for p in prompts]
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
@@ -174,7 +156,8 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine", choices=["hf", "fast"], default="hf")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: float32 on CPU, the checkpoint's dtype on GPU")
 
 
 # ---- commands that live in their own modules ------------------------------------------------------------------------

@@ -30,7 +30,8 @@ from .config import MLKVConfig
 from .sharing import SharingPlan, resolve_plan
 
 INITS = ("mean", "pairwise", "first")
-SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
+                           "MLKVForCausalLM")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                    "tokenizer.model", "added_tokens.json", "generation_config.json")
 
@@ -135,6 +136,15 @@ def read_hf_state(src: str | Path) -> dict[str, torch.Tensor]:
 def mlkv_config_from_hf(hf: dict) -> MLKVConfig:
     """The MHA (no sharing) ``MLKVConfig`` equivalent to a supported HF config."""
     arch = hf["architectures"][0]
+    if arch == "MLKVForCausalLM":
+        config = MLKVConfig(**{k: v for k, v in hf.items() if k not in ("model_type", "transformers_version",
+                                                                        "architectures")})
+        if config.sharing.consumers:
+            raise ConversionError(
+                f"kv_source_layers ({config.kv_source_layers}) already shares K/V across layers; convert from the "
+                "model before sharing (every layer a producer)"
+            )
+        return config
     L, H, hidden = hf["num_hidden_layers"], hf["num_attention_heads"], hf["hidden_size"]
     rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
     common = dict(vocab_size=hf["vocab_size"], hidden_size=hidden, intermediate_size=hf["intermediate_size"],
@@ -174,6 +184,8 @@ def _split_neox_qkv(fused: torch.Tensor, num_heads: int, head_dim: int) -> tuple
 def rename_state(hf: dict, state: dict[str, torch.Tensor], config: MLKVConfig) -> dict[str, torch.Tensor]:
     """Source tensors -> mlkv names for the MHA model; raises listing unknown, missing and mis-shaped keys."""
     arch = hf["architectures"][0]
+    if arch == "MLKVForCausalLM":
+        return _check_keys(arch, dict(state), set(state) - set(expected_shapes(config)), config)
     neox = arch == "GPTNeoXForCausalLM"
     state = dict(state)
     if neox:
@@ -206,7 +218,15 @@ def rename_state(hf: dict, state: dict[str, torch.Tensor], config: MLKVConfig) -
                         out[dst.format(i=i, qkv=part)] = tensor
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
-    unknown = sorted(set(state) - used)
+    return _check_keys(arch, out, set(state) - used, config)
+
+
+def _check_keys(arch: str, out: dict[str, torch.Tensor], unused: set[str], config: MLKVConfig):
+    """Raise listing unknown (unused source), missing and mis-shaped tensors; else return ``out``."""
+    if config.tie_word_embeddings:
+        unused.discard("lm_head.weight")
+        out.pop("lm_head.weight", None)
+    unknown = sorted(unused)
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(out))
     misshaped = sorted(f"{k}: {tuple(v.shape)} (expected {expected[k]})" for k, v in out.items()

@@ -406,6 +406,25 @@ def load_tokenizer(path_or_dir: str | os.PathLike) -> Tokenizer:
     return backend
 
 
+def load_hf_tokenizer(path_or_dir: str | os.PathLike, eos_token_id: int | None = None):
+    """A transformers tokenizer for a checkpoint: ``AutoTokenizer`` where the directory has a full tokenizer setup,
+    else a ``PreTrainedTokenizerFast`` around its ``tokenizer.json`` whose EOS (and pad) token is ``eos_token_id``
+    (from the model's config), so that generation and lm-evaluation-harness know where documents end."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = Path(path_or_dir).expanduser()
+    tok = None
+    if path.is_dir() and (path / "tokenizer_config.json").is_file():
+        tok = AutoTokenizer.from_pretrained(str(path))
+    if tok is None:
+        tok = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(path))
+    if tok.eos_token is None and eos_token_id is not None:
+        tok.eos_token = tok.convert_ids_to_tokens(int(eos_token_id))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def _tokenizer_fingerprint(path_or_dir: str | os.PathLike) -> str:
     """sha256 of the tokenizer file(s) content, for the cache key."""
     path = _tokenizer_dir_or_file(path_or_dir)

@@ -1,0 +1,468 @@
+"""``mlkv reproduce``: the MLKV paper's experiment end to end, on real data, at mini scale.
+
+Stages (each writes its outputs and a ``done.json`` marker under ``--out``; a rerun skips finished stages):
+
+1. ``base``: pretrain a Pythia-shaped MHA base (12 layers x 12 heads, so the paper's grid applies) on the Gutenberg
+   corpus with the Pythia tokenizer, or take ``--base DIR`` (a local Hugging Face checkpoint such as
+   EleutherAI/pythia-160m-deduped saved to disk) and convert it to an MHA mlkv checkpoint.
+2. ``convert``: the base converted to the 9 paper configs (``mean`` init), plus ``pairwise`` and ``first`` for
+   MLKV-6 and MLKV-2 (the init comparison).
+3. ``uptrain``: every converted model uptrained for the same token budget with the ``lm`` objective; the MLKV presets
+   also with ``distill`` (KL to the base model's logits) at equal tokens.
+4. ``eval``: Gutenberg validation perplexity, WikiText-2 word perplexity, and zero-shot LAMBADA, PIQA, ARC-Easy,
+   SciQ and HellaSwag through lm-evaluation-harness (full sets unless ``--limit``).
+5. ``bench``: KV bytes, max batch and decode throughput per config on the engine (CUDA only).
+6. ``report``: ``report.md``, ``results.json`` and plots (paper-style table, quality vs KV bytes Pareto plot,
+   uptraining loss curves, max batch and throughput per config).
+
+``--smoke`` runs the whole pipeline on CPU in minutes: a tiny 12x12 model, a few documents, a few steps, ``--limit``ed
+tasks. It is a CI test; its numbers mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .sharing import PAPER_PRESETS, resolve_plan
+
+MLKV_ONLY = [p for p in PAPER_PRESETS if p.startswith("MLKV")]
+INIT_COMPARISON = ["MLKV-6", "MLKV-2"]
+DEFAULT_TASKS = ["lambada_openai", "piqa", "arc_easy", "sciq", "hellaswag"]
+HF_DATASET = "EleutherAI/the_pile_deduplicated (any text dataset through --data hf:NAME)"
+
+
+@dataclass
+class Settings:
+    """Everything that shapes a reproduction run (saved in results.json)."""
+
+    out: str
+    data_dir: str | None = None
+    base: str | None = None
+    smoke: bool = False
+    hidden_size: int = 384
+    intermediate_size: int | None = None
+    seq_len: int = 2048
+    micro_batch_size: int = 16
+    base_tokens: str = "50M"
+    uptrain_tokens: str = "5M"
+    train_shards: list[str] = field(default_factory=lambda: ["train_00.jsonl.xz", "train_01.jsonl.xz"])
+    max_documents: int | None = None
+    plans: list[str] = field(default_factory=lambda: list(PAPER_PRESETS))
+    distill_plans: list[str] = field(default_factory=lambda: list(MLKV_ONLY))
+    init_plans: list[str] = field(default_factory=lambda: list(INIT_COMPARISON))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    limit: int | None = None
+    ppl_limit: int | None = None
+    eval_batch_size: int = 32
+    bench: bool = True
+    compile: bool = False
+    device: str | None = None
+    seed: int = 0
+
+    @classmethod
+    def smoke_settings(cls, out: str, **overrides) -> "Settings":
+        base = dict(out=out, smoke=True, hidden_size=48, intermediate_size=96, seq_len=64, micro_batch_size=4,
+                    base_tokens="12K", uptrain_tokens="2K", train_shards=["train_00.jsonl.xz"], max_documents=2,
+                    limit=4, ppl_limit=1, eval_batch_size=8, bench=False, device="cpu",
+                    plans=["MHA-144", "MLKV-6", "MLKV-2"], distill_plans=["MLKV-6", "MLKV-2"])
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+
+# ---- paths and data ---------------------------------------------------------------------------------------------
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """``--data-dir``, else ``$MLKV_DATA``, else ``../shared/data`` beside the checkout or the working directory."""
+    candidates = [data_dir, os.environ.get("MLKV_DATA")]
+    if not any(candidates):
+        candidates = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[3] / ".." / "shared" / "data"]
+    for c in candidates:
+        if c and (Path(c) / "corpus" / "gutenberg").is_dir():
+            return Path(c).resolve()
+    tried = ", ".join(str(c) for c in candidates if c)
+    raise FileNotFoundError(
+        f"the shared data (corpus/gutenberg, tokenizers, eval) was not found (tried {tried}); pass --data-dir DIR or "
+        f"set MLKV_DATA=DIR. With a network, train on a Hugging Face dataset instead: {HF_DATASET}"
+    )
+
+
+def run_name(plan: str, objective: str = "lm", init: str = "mean") -> str:
+    return f"{plan}-{objective}" + ("" if init == "mean" else f"-{init}")
+
+
+def _done(folder: Path) -> dict | None:
+    marker = folder / "done.json"
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def _mark_done(folder: Path, info: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / "done.json.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str))
+    os.replace(tmp, folder / "done.json")
+
+
+def _say(msg: str) -> None:
+    print(f"[mlkv reproduce {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ---- stages -----------------------------------------------------------------------------------------------------
+def stage_base(s: Settings, data: Path, out: Path) -> Path:
+    """A trained MHA base in mlkv format: pretrained here, or converted from ``--base``."""
+    folder = out / "base"
+    if _done(folder):
+        _say("base: done, skipping")
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)  # an unfinished base
+    if s.base:
+        from .convert import convert_checkpoint
+
+        _say(f"base: converting {s.base} (no pretraining)")
+        convert_checkpoint(s.base, folder, plan="mha")
+        _mark_done(folder, {"source": s.base})
+        return folder
+    from .config import MLKVConfig, PRESETS
+    from .train import TrainConfig, train
+
+    shape = {**PRESETS["pythia-mini"], "hidden_size": s.hidden_size,
+             "intermediate_size": s.intermediate_size or 4 * s.hidden_size,
+             "max_position_embeddings": max(2048, s.seq_len)}
+    cfg_dir = out / "base_config"
+    cfg_dir.mkdir(parents=True, exist_ok=True)
+    MLKVConfig(**shape).save_pretrained(cfg_dir)
+    _say(f"base: pretraining a 12x12 MHA model (hidden {s.hidden_size}) for {s.base_tokens} tokens")
+    summary = train(TrainConfig(model=str(cfg_dir), out=str(folder), **_train_common(s, data),
+                                tokens=s.base_tokens, lr=6e-4 if not s.smoke else 3e-3, warmup_ratio=0.05))
+    _mark_done(folder, _brief(summary))
+    return folder
+
+
+def _train_common(s: Settings, data: Path) -> dict:
+    corpus = data / "corpus" / "gutenberg"
+    return dict(data=[str(corpus / shard) for shard in s.train_shards], val_data=[str(corpus / "val.jsonl.xz")],
+                tokenizer=str(data / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"),
+                cache_dir=str(Path(s.out) / "token_cache"), max_documents=s.max_documents, seq_len=s.seq_len,
+                micro_batch_size=s.micro_batch_size, compile=s.compile, device=s.device, seed=s.seed,
+                eval_every=10**9, eval_batches=20 if not s.smoke else 2, save_every=10**9,
+                progress=True, log_every=10 if not s.smoke else 1)
+
+
+def _brief(summary: dict) -> dict:
+    return {k: summary.get(k) for k in ("steps", "tokens", "final_loss", "val_loss", "val_perplexity",
+                                         "tokens_per_s", "mfu", "seconds")}
+
+
+def planned_runs(s: Settings) -> list[dict]:
+    """Every uptraining run: 9 plans with lm, MLKV plans with distill, init comparison with lm."""
+    runs = [dict(plan=p, objective="lm", init="mean") for p in s.plans]
+    runs += [dict(plan=p, objective="distill", init="mean") for p in s.distill_plans]
+    runs += [dict(plan=p, objective="lm", init=i) for p in s.init_plans for i in ("pairwise", "first")]
+    return runs
+
+
+def stage_convert(s: Settings, base: Path, out: Path) -> dict[tuple[str, str], Path]:
+    from .convert import convert_checkpoint
+
+    converted = {}
+    for plan, init in sorted({(r["plan"], r["init"]) for r in planned_runs(s)}):
+        folder = out / "converted" / f"{plan}-{init}"
+        if not _done(folder):
+            if folder.exists():
+                shutil.rmtree(folder)
+            convert_checkpoint(base, folder, plan=plan, init=init)
+            _mark_done(folder, {"plan": plan, "init": init})
+        converted[(plan, init)] = folder
+    _say(f"convert: {len(converted)} checkpoints")
+    return converted
+
+
+def stage_uptrain(s: Settings, data: Path, base: Path, converted: dict, out: Path) -> dict[str, Path]:
+    from .train import TrainConfig, train
+
+    trained = {}
+    for r in planned_runs(s):
+        name = run_name(**r)
+        folder = out / "uptrain" / name
+        trained[name] = folder
+        if _done(folder):
+            continue
+        _say(f"uptrain: {name} for {s.uptrain_tokens} tokens")
+        extra = dict(objective="distill", teacher=str(base)) if r["objective"] == "distill" else {}
+        summary = train(TrainConfig(model=str(converted[(r["plan"], r["init"])]), out=str(folder),
+                                    **_train_common(s, data), tokens=s.uptrain_tokens,
+                                    resume=(folder / "checkpoint").exists(), **extra))
+        _mark_done(folder, {**r, **_brief(summary)})
+    return trained
+
+
+def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> dict[str, dict]:
+    from .evaluate import load_model, perplexity_file, run_tasks, save_results
+
+    results = {}
+    for name, folder in models.items():
+        path = out / "eval" / f"{name}.json"
+        if path.is_file():
+            results[name] = json.loads(path.read_text())
+            continue
+        _say(f"eval: {name}")
+        model, tok = load_model(folder, s.device)
+        res = run_tasks(model, s.tasks, limit=s.limit, batch_size=s.eval_batch_size, data_dir=data, tokenizer=tok,
+                        bootstrap_iters=0 if s.smoke else 1000) if s.tasks else {"mlkv": {}}
+        res["mlkv"]["perplexity"] = {
+            "gutenberg_val": perplexity_file(model, tok, data / "corpus" / "gutenberg" / "val.jsonl.xz",
+                                             max_length=s.seq_len, batch_size=8, limit=s.ppl_limit,
+                                             document_level=False),
+            "wikitext2": perplexity_file(model, tok, data / "eval" / "wikitext2" / "wiki.test.raw",
+                                         max_length=s.seq_len, batch_size=8, limit=s.ppl_limit),
+        }
+        save_results(res, path)
+        results[name] = json.loads(path.read_text())
+        del model
+    return results
+
+
+def stage_bench(s: Settings, models: dict[str, Path], out: Path) -> dict | None:
+    import torch
+
+    path = out / "bench" / "bench.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    if not s.bench or not torch.cuda.is_available():
+        _say("bench: skipped (needs CUDA; --no-bench)")
+        return None
+    from .bench import run_bench
+
+    _say("bench: memory and throughput per config")
+    result = run_bench("pythia-160m", plans=list(s.plans), out=str(out / "bench"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+# ---- report -----------------------------------------------------------------------------------------------------
+def _metric(res: dict, task: str, metric: str) -> float | None:
+    value = res.get("results", {}).get(task, {}).get(f"{metric},none")
+    return None if value is None or isinstance(value, str) else float(value)
+
+
+def summarize(name: str, res: dict) -> dict:
+    """One report row: perplexities and task metrics of a run's evaluation."""
+    row = {"run": name}
+    ppl = res.get("mlkv", {}).get("perplexity", {})
+    row["gutenberg_ppl"] = ppl.get("gutenberg_val", {}).get("token_level", {}).get("perplexity")
+    row["wikitext_word_ppl"] = ppl.get("wikitext2", {}).get("document_level", {}).get("word_perplexity")
+    row["lambada_acc"] = _metric(res, "lambada_openai", "acc")
+    row["lambada_ppl"] = _metric(res, "lambada_openai", "perplexity")
+    for task in ("piqa", "arc_easy", "sciq"):
+        row[f"{task}_acc"] = _metric(res, task, "acc")
+    row["hellaswag_acc_norm"] = _metric(res, "hellaswag", "acc_norm")
+    accs = [row[k] for k in ("arc_easy_acc", "lambada_acc", "piqa_acc", "sciq_acc") if row[k] is not None]
+    row["avg_paper4"] = sum(accs) / len(accs) if len(accs) == 4 else None
+    return row
+
+
+def plan_of(run: str) -> str:
+    """``MLKV-6-distill-first`` -> ``MLKV-6``; ``base`` -> ``MHA-144``."""
+    if run == "base":
+        return "MHA-144"
+    head, rest = run.split("-", 1)
+    return f"{head}-{rest.split('-', 1)[0]}"
+
+
+def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dict[str, Path],
+                 bench: dict | None, started: float, command: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .config import MLKVConfig
+
+    base_cfg = MLKVConfig.from_pretrained(out / "base")
+    rows = []
+    for name, res in evals.items():
+        row = summarize(name, res)
+        plan = resolve_plan(plan_of(name), base_cfg.num_hidden_layers, base_cfg.num_attention_heads)
+        row.update(config=plan_of(name), structure=plan.structure, kv_heads=plan.total_kv_heads,
+                   kv_bytes_per_token=plan.kv_bytes_per_token(base_cfg.head_dim, "fp16"))
+        rows.append(row)
+    by_run = {r["run"]: r for r in rows}
+
+    # Distillation: fraction of the base -> LM-uptrained MLKV-6 gap (Gutenberg val perplexity) that it closes.
+    gap = None
+    b, lm, kd = (by_run.get(k, {}).get("gutenberg_ppl") for k in ("base", "MLKV-6-lm", "MLKV-6-distill"))
+    if None not in (b, lm, kd) and lm != b:
+        gap = {"base_ppl": b, "lm_ppl": lm, "distill_ppl": kd, "fraction_closed": (lm - kd) / (lm - b)}
+
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    # Pareto: quality against KV bytes/token.
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for objective, marker in (("-lm", "o"), ("-distill", "s")):
+        pts = [(r["kv_bytes_per_token"], r["gutenberg_ppl"], r["config"]) for r in rows
+               if r["run"].endswith(objective) and r["gutenberg_ppl"]]
+        if pts:
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=objective.strip("-"))
+            for x, y, label in pts:
+                ax.annotate(label, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if by_run.get("base", {}).get("gutenberg_ppl"):
+        ax.axhline(by_run["base"]["gutenberg_ppl"], ls="--", c="gray", label="base (MHA, no uptraining)")
+    ax.set(xscale="log", xlabel="KV cache bytes / token (fp16)", ylabel="Gutenberg val perplexity",
+           title="Quality vs KV cache size")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plots / "pareto.png", dpi=120)
+    plt.close(fig)
+    # Uptraining loss curves.
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, folder in train_dirs.items():
+        log = folder / "metrics.jsonl"
+        if not log.is_file():
+            continue
+        pts = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        pts = [p for p in pts if "loss" in p and "step" in p]
+        if pts:
+            ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], label=name, lw=1)
+    ax.set(xlabel="step", ylabel="training loss", title="Uptraining loss")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(plots / "uptrain_loss.png", dpi=120)
+    plt.close(fig)
+
+    results = {"settings": asdict(s), "rows": rows, "distillation_gap": gap, "bench": bench,
+               "seconds": time.time() - started, "command": command, "git_commit": _git_commit(),
+               "card": _card()}
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2, default=str))
+    os.replace(tmp, out / "results.json")
+    report = render_report(results)
+    (out / "report.md").write_text(report)
+    return out / "report.md"
+
+
+def _fmt(v, pct=False, digits=2):
+    if v is None:
+        return "-"
+    return f"{100 * v:.{digits}f}" if pct else (f"{v:,.{digits}f}" if isinstance(v, float) else f"{v:,}")
+
+
+def render_report(results: dict) -> str:
+    s, rows = results["settings"], results["rows"]
+    lines = ["# MLKV reproduction" + (" (smoke run: numbers are meaningless)" if s["smoke"] else ""), "",
+             f"- card: {results['card']}", f"- time: {results['seconds'] / 60:.1f} min",
+             f"- command: `{results['command']}`", f"- git commit: `{results['git_commit']}`",
+             f"- base: {'converted from ' + s['base'] if s['base'] else 'pretrained here'}; hidden {s['hidden_size']}, "
+             f"12 layers x 12 heads; {s['base_tokens']} base tokens, {s['uptrain_tokens']} uptraining tokens per run, "
+             f"seq {s['seq_len']}; tasks limit {s['limit'] or 'none (full sets)'}", "",
+             "| run | config | KV heads | KV B/token | Gutenberg ppl | WikiText word ppl | ARC-e | LAMBADA acc (ppl) "
+             "| PIQA | SciQ | HellaSwag (norm) | avg of paper's 4 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        lines.append(
+            f"| {r['run']} | {r['config']} ({r['structure']}) | {r['kv_heads']} | {r['kv_bytes_per_token']:,} | "
+            f"{_fmt(r['gutenberg_ppl'])} | {_fmt(r['wikitext_word_ppl'])} | {_fmt(r['arc_easy_acc'], True)} | "
+            f"{_fmt(r['lambada_acc'], True)} ({_fmt(r['lambada_ppl'], digits=1)}) | {_fmt(r['piqa_acc'], True)} | "
+            f"{_fmt(r['sciq_acc'], True)} | {_fmt(r['hellaswag_acc_norm'], True)} | {_fmt(r['avg_paper4'], True)} |")
+    gap = results["distillation_gap"]
+    lines += ["", "## Distillation", ""]
+    if gap:
+        lines.append(f"At equal uptraining tokens, distillation closes {100 * gap['fraction_closed']:.1f}% of the "
+                     f"Gutenberg validation perplexity gap between the base ({gap['base_ppl']:.2f}) and LM-uptrained "
+                     f"MLKV-6 ({gap['lm_ppl']:.2f}): distilled MLKV-6 reaches {gap['distill_ppl']:.2f}.")
+    else:
+        lines.append("Not measured (MLKV-6 lm and distill runs are both needed).")
+    lines += ["", "## Plots", "", "![Pareto](plots/pareto.png)", "", "![Uptraining loss](plots/uptrain_loss.png)"]
+    if results.get("bench"):
+        lines += ["", "## Inference (engine)", "", "```", json.dumps(results["bench"].get("summary", {}), indent=1),
+                  "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _card() -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+
+
+# ---- the command ------------------------------------------------------------------------------------------------
+def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
+    started = time.time()
+    data = resolve_data_dir(s.data_dir)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    base = stage_base(s, data, out)
+    converted = stage_convert(s, base, out)
+    trained = stage_uptrain(s, data, base, converted, out)
+    evals = stage_eval(s, data, {"base": base, **trained}, out)
+    bench = stage_bench(s, trained, out)
+    report = stage_report(s, out, evals, trained, bench, started, command)
+    _say(f"report: {report}")
+    return report
+
+
+def add_reproduce_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--out", default="runs/reproduce", help="output folder (a rerun skips finished stages)")
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run of every stage (a test, not a result)")
+    p.add_argument("--data-dir", default=None, help="shared data folder (default $MLKV_DATA or ../shared/data)")
+    p.add_argument("--base", default=None, help="a local HF checkpoint to start from instead of pretraining")
+    p.add_argument("--hidden-size", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--base-tokens", default=None, help="pretraining token budget, e.g. 50M")
+    p.add_argument("--uptrain-tokens", default=None, help="uptraining token budget per run, e.g. 5M")
+    p.add_argument("--train-shards", nargs="*", default=None, help="Gutenberg shards to train on")
+    p.add_argument("--tasks", nargs="*", default=None, help=f"zero-shot tasks (default {' '.join(DEFAULT_TASKS)})")
+    p.add_argument("--limit", type=int, default=None, help="examples per task (default: full sets)")
+    p.add_argument("--ppl-limit", type=int, default=None, help="documents per perplexity set (default: all)")
+    p.add_argument("--plans", nargs="*", default=None, help="subset of the paper's configs")
+    p.add_argument("--no-bench", action="store_true", help="skip the inference benchmark")
+    p.add_argument("--compile", action="store_true", help="torch.compile the training step")
+    p.add_argument("--device", default=None)
+    return p
+
+
+def settings_from_args(args) -> Settings:
+    overrides = dict(data_dir=args.data_dir, base=args.base, hidden_size=args.hidden_size, seq_len=args.seq_len,
+                     micro_batch_size=args.micro_batch_size, base_tokens=args.base_tokens,
+                     uptrain_tokens=args.uptrain_tokens, train_shards=args.train_shards, tasks=args.tasks,
+                     limit=args.limit, ppl_limit=args.ppl_limit, plans=args.plans, device=args.device)
+    if args.no_bench:
+        overrides["bench"] = False
+    if args.compile:
+        overrides["compile"] = True
+    if args.smoke:
+        return Settings.smoke_settings(args.out, **overrides)
+    s = Settings(out=args.out, **{k: v for k, v in overrides.items() if v is not None})
+    s.distill_plans = [p for p in s.distill_plans if p in s.plans]
+    s.init_plans = [p for p in s.init_plans if p in s.plans]
+    return s
+
+
+def run_reproduce_command(args) -> int:
+    """Run the MLKV paper's experiment end to end on the Gutenberg corpus: pretrain (or --base) an MHA model,
+    convert it to the 9 paper configs, uptrain each (lm, and distill for MLKV), evaluate perplexity and zero-shot
+    tasks, benchmark inference, and write report.md, results.json and plots. --smoke runs it all tiny on CPU."""
+    import sys
+
+    s = settings_from_args(args)
+    report = reproduce(s, command="mlkv " + " ".join(sys.argv[1:]))
+    results = json.loads((Path(s.out) / "results.json").read_text())
+    print(report.read_text())
+    print(json.dumps({"report": str(report), "rows": len(results["rows"]), "seconds": round(results["seconds"], 1),
+                      "distillation_gap": results["distillation_gap"]}))
+    return 0
