@@ -1,0 +1,67 @@
+"""The paper pipeline, tiny, on CPU: every stage runs, resumes, and writes the report."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+from mlkv.reproduce import Settings, planned_runs, reproduce, resolve_data_dir
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "corpus" / "gutenberg").is_dir(), reason="shared data not found")
+
+
+def small(out, **kw):
+    # The whole grid runs in the CLI's --smoke; here two plans keep the suite fast.
+    return Settings.smoke_settings(str(out), data_dir=str(DATA), plans=["MHA-144", "MLKV-2"],
+                                   distill_plans=["MLKV-2"], init_plans=["MLKV-2"], **kw)
+
+
+def test_planned_runs_cover_the_grid():
+    s = Settings(out="x")
+    names = [(r["plan"], r["objective"], r["init"]) for r in planned_runs(s)]
+    assert len(names) == 9 + 6 + 4
+    assert ("MLKV-6", "distill", "mean") in names and ("MLKV-2", "lm", "first") in names
+
+
+def test_missing_data_names_flag_env_and_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLKV_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"--data-dir DIR or set MLKV_DATA=DIR.*the_pile_deduplicated"):
+        resolve_data_dir(str(tmp_path / "nowhere"))
+
+
+@needs_data
+def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / "run"
+    report = reproduce(small(out, tasks=["lambada_openai", "piqa"]))
+    text = report.read_text()
+    assert "| MLKV-2-distill | MLKV-2 (2x1) | 2 |" in text
+    results = json.loads((out / "results.json").read_text())
+    assert {r["run"] for r in results["rows"]} == {"base", "MHA-144-lm", "MLKV-2-lm", "MLKV-2-distill",
+                                                    "MLKV-2-lm-pairwise", "MLKV-2-lm-first"}
+    assert all(r["gutenberg_ppl"] and r["piqa_acc"] is not None for r in results["rows"])
+    assert (out / "plots" / "pareto.png").stat().st_size > 0
+    capsys.readouterr()
+    reproduce(small(out, tasks=["lambada_openai", "piqa"]))  # every stage is done: nothing is retrained
+    log = capsys.readouterr().out
+    assert "base: done, skipping" in log
+    assert "uptrain:" not in log and "eval:" not in log
+
+
+@needs_data
+def test_base_from_a_local_hf_checkpoint_skips_pretraining(tmp_path):
+    torch.manual_seed(0)
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=48, num_hidden_layers=12,
+                                          num_attention_heads=12, intermediate_size=96, max_position_embeddings=256))
+    hf.save_pretrained(tmp_path / "pythia")
+    PreTrainedTokenizerFast(tokenizer_file=str(DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"),
+                            eos_token="<|endoftext|>").save_pretrained(tmp_path / "pythia")
+    out = tmp_path / "run"
+    s = Settings.smoke_settings(str(out), data_dir=str(DATA), base=str(tmp_path / "pythia"), plans=["MLKV-2"],
+                                distill_plans=[], init_plans=[], tasks=[])
+    reproduce(s)
+    assert json.loads((out / "base" / "done.json").read_text())["source"] == str(tmp_path / "pythia")
+    assert not (out / "base" / "metrics.jsonl").exists()  # converted, not trained
+    assert (out / "uptrain" / "MLKV-2-lm" / "model.safetensors").is_file()
