@@ -1,0 +1,157 @@
+"""The inference benchmark on CPU: the max-batch search against fake allocators, outputs, argument errors."""
+
+import argparse
+import csv
+import json
+
+import pytest
+import torch
+
+from mlkv.bench import (add_bench_arguments, find_max_batch, find_max_context, run_bench, run_bench_command,
+                        search_max, weight_bytes)
+from mlkv.config import preset_config
+from tiny import tiny_model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("answer", [0, 1, 2, 7, 100, 1023, 4096, 99_999])
+@pytest.mark.parametrize("guess", [1, 5, 1000, 10**6])
+def test_search_max_finds_the_limit(answer, guess):
+    probed = []
+
+    def fits(n):
+        probed.append(n)
+        return n <= answer
+
+    n, probes = search_max(fits, guess)
+    assert n == answer
+    assert probes == len(set(probed)) <= 2 * 20 + 4  # gallop + bisection: logarithmic
+    assert all(p >= 1 for p in probed)
+
+
+def test_search_max_respects_the_limit():
+    probed = []
+    n, _ = search_max(lambda b: probed.append(b) or True, guess=10, limit=300)
+    assert n == 300 and max(probed) == 300
+    assert search_max(lambda b: b <= 40, guess=1000, limit=64)[0] == 40
+    with pytest.raises(ValueError, match="limit"):
+        search_max(lambda b: True, limit=0)
+
+
+def fake_allocator(budget: int, overhead: int = 1000):
+    """A device that holds ``budget`` bytes: weights + the producer-only cache + a fixed per-row overhead."""
+    calls = []
+
+    def try_fit(model, batch, context):
+        calls.append((batch, context))
+        cfg = model.config
+        kv = cfg.sharing.kv_bytes_per_token(cfg.head_dim, next(model.parameters()).dtype)
+        return weight_bytes(model) + batch * (context * kv + overhead) <= budget
+
+    return try_fit, calls
+
+
+def expected_max(model, budget, context=None, batch=None, overhead=1000):
+    cfg = model.config
+    kv = cfg.sharing.kv_bytes_per_token(cfg.head_dim, torch.float32)
+    spare = budget - weight_bytes(model)
+    if context is not None:
+        return spare // (context * kv + overhead)
+    return (spare // batch - overhead) // kv
+
+
+@pytest.mark.parametrize("plan", ["mha", "mqa", "2x1", [0, 0, 2, 2]], ids=str)
+def test_max_batch_and_context_against_fake_allocator(plan):
+    model = tiny_model("gpt_neox", plan)
+    budget = weight_bytes(model) + 3_000_000
+    try_fit, calls = fake_allocator(budget)
+    got = find_max_batch(model, 100, try_fit, budget)
+    assert got["max_batch"] == expected_max(model, budget, context=100)
+    assert got["probes"] == len(set(calls)) < 30
+    assert {c for _, c in calls} == {100}
+    got = find_max_context(model, 8, try_fit, budget)
+    assert got["max_context"] == expected_max(model, budget, batch=8)
+    assert got["beyond_max_position"] == (got["max_context"] > model.config.max_position_embeddings)
+
+
+def tiny_bench(tmp_path, **kw):
+    config = preset_config("tiny-neox", max_position_embeddings=128)
+    args = dict(plans=["mha", "2x1"], batches=[1, 3], prompt_len=6, new_tokens=5, step_context=24,
+                step_batches=[2], step_tokens=4, context=64, context_batch=4, repeats=1, device="cpu",
+                out_dir=tmp_path, progress=False, strict=True, print_table=False)
+    return config, run_bench(config, **{**args, **kw})
+
+
+def test_run_bench_cpu_outputs(tmp_path, capsys):
+    budget = 2_000_000
+    try_fit, _ = fake_allocator(budget)
+    _, report = tiny_bench(tmp_path, try_fit=try_fit, budget_gb=budget / 1e9, print_table=True)
+    assert [r["plan"] for r in report["plans"]] == ["MHA", "2x1"]
+    assert report["meta"]["errors"] == []
+    for r in report["plans"]:
+        assert r["cache"]["kv_bytes_per_token_allocated"] == r["kv_bytes_per_token"]
+        assert r["max_batch"]["max_batch"] == (budget - r["weight_bytes"]) // (64 * r["kv_bytes_per_token"] + 1000)
+        assert r["max_context"]["max_context"] == ((budget - r["weight_bytes"]) // 4 - 1000) // r["kv_bytes_per_token"]
+        for row in r["generate"]:
+            assert row["agreement_vs_hf_static"] == 1.0  # fp32 on CPU: the same greedy tokens as transformers
+            for impl in ("engine", "hf_dynamic", "hf_static"):
+                assert row[impl]["step_ms"] > 0 and row[impl]["e2e_tok_s"] > 0
+        (step,) = r["step"]
+        assert step["hbm_bound_ms"] > 0 and step["engine"]["bound_ratio"] > 0
+    # Fewer KV bytes per token, larger batches.
+    assert report["plans"][1]["max_batch"]["max_batch"] > report["plans"][0]["max_batch"]["max_batch"]
+    files = report["files"]
+    data = json.loads(open(files["json"]).read())
+    assert data["summary"].keys() == {"MHA", "2x1"}
+    rows = list(csv.DictReader(open(files["csv"])))
+    assert {r["impl"] for r in rows} == {"engine", "hf_dynamic", "hf_static"}
+    assert len(rows) == 2 * 3 * 3  # plans x (2 generate + 1 step runs) x implementations
+    for name in ("memory_vs_batch", "throughput_vs_batch", "max_batch"):
+        assert open(files[name], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out.strip().splitlines()
+    assert json.loads(out[-1])["bench"]["2x1"]["max_batch"] == report["plans"][1]["max_batch"]["max_batch"]
+    assert any(line.lstrip().startswith("MHA") for line in out)
+
+
+def test_run_bench_simulated_allocator_and_cli(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    add_bench_arguments(parser)
+    args = parser.parse_args(["tiny-llama", "--plans", "mha", "mqa", "--batch", "2", "--prompt-len", "4",
+                              "--new-tokens", "3", "--step-context", "16", "--step-batch", "1,2", "--step-tokens",
+                              "3", "--context", "32", "--context-batch", "2", "--no-hf", "--device", "cpu",
+                              "--repeats", "1", "--budget-gb", "0.01", "--out", str(tmp_path), "--no-progress"])
+    assert run_bench_command(args) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["errors"] == []
+    assert last["bench"]["MQA"]["max_batch"] > last["bench"]["MHA"]["max_batch"] > 0
+    data = json.loads((tmp_path / "inference.json").read_text())
+    assert data["meta"]["fit_method"].startswith("simulated")
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(budget_gb=1e-6), r"budget \(1e-06 GB\) is smaller than the model weights \(.* GB"),
+    (dict(budget_gb=-1), r"budget \(-1 GB\) must be positive"),
+    (dict(context=4096), r"context \(4096\) is longer than max_position_embeddings \(128\)"),
+    (dict(step_context=200), r"step context \(200\) is longer than max_position_embeddings \(128\)"),
+    (dict(prompt_len=120, new_tokens=20), r"prompt length \+ new tokens \(140\) is longer than max_position"),
+    (dict(batches=[0]), r"batch sizes \(0\) must be positive"),
+    (dict(step_batches=["x"]), r"step batch sizes \('x'\) must be positive"),
+    (dict(plans=["mlkv-99"]), r"ambiguous or impossible"),
+    (dict(dtype="int8"), r"dtype \('int8'\) must be one of"),
+])
+def test_argument_errors(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_bench(tmp_path, **kw)
+    assert not (tmp_path / "inference.json").exists()  # checked before anything runs
+
+
+def test_unknown_model():
+    with pytest.raises(ValueError, match="neither a preset"):
+        run_bench("no-such-model", device="cpu", progress=False)
