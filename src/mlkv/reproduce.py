@@ -241,8 +241,9 @@ def stage_bench(s: Settings, models: dict[str, Path], out: Path) -> dict | None:
         return None
     from .bench import run_bench
 
-    _say("bench: memory and throughput per config")
-    result = run_bench("pythia-160m", plans=list(s.plans), out=str(out / "bench"))
+    _say("bench: memory and throughput per config (the base's shape; the engine only, see mlkv bench for HF)")
+    result = run_bench(str(out / "base"), plans=list(s.plans), out_dir=str(out / "bench"), hf=False,
+                       compile=False, deadline_s=150, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     return result
