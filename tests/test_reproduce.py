@@ -41,7 +41,8 @@ def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert {r["run"] for r in results["rows"]} == {"base", "MHA-144-lm", "MLKV-2-lm", "MLKV-2-distill",
                                                     "MLKV-2-lm-pairwise", "MLKV-2-lm-first"}
-    assert all(r["gutenberg_ppl"] and r["piqa_acc"] is not None for r in results["rows"])
+    assert all(r["gutenberg_ppl"] for r in results["rows"])
+    assert all(r["piqa_acc"] is not None for r in results["rows"] if not r["run"].endswith(("-pairwise", "-first")))
     assert (out / "plots" / "pareto.png").stat().st_size > 0
     capsys.readouterr()
     reproduce(small(out, tasks=["lambada_openai", "piqa"]))  # every stage is done: nothing is retrained

@@ -671,7 +671,7 @@ def _set_budget(device, budget_bytes: int | None, card_bytes: int | None) -> Non
     if torch.device(device).type != "cuda" or card_bytes is None:
         return
     fraction = 1.0 if budget_bytes is None else min(1.0, budget_bytes / card_bytes)
-    torch.cuda.set_per_process_memory_fraction(fraction, device)
+    torch.cuda.set_per_process_memory_fraction(fraction, torch.device(device).index or 0)
 
 
 def _put(d: dict, key: str, value) -> None:
