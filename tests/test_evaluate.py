@@ -392,3 +392,22 @@ def test_usage_errors(tiny, capsys):
         ev.perplexity(model, tok, TEXT, max_length=8, stride=9)
     assert ev.run_eval_command(_args()) == 2
     assert "give a checkpoint directory" in capsys.readouterr().err
+
+
+def test_converted_mha_gives_the_same_loglikelihoods_as_hf_through_the_harness(tiny_dir, tmp_path):
+    """The harness's own ``hf`` backend (HFLM, loading by path) scores the same requests on the transformers model
+    and on its MHA conversion: log-likelihoods agree to 1e-4."""
+    from mlkv.convert import convert_checkpoint
+
+    dst = convert_checkpoint(tiny_dir, tmp_path / "mlkv", plan="mha")
+    docs = converters.read_piqa(DATA)[:6]
+    requests = []
+    for i, doc in enumerate(docs):
+        for sol in (doc["sol1"], doc["sol2"]):
+            requests.append(Instance("loglikelihood", doc, (f"Question: {doc['goal']}\nAnswer:", f" {sol}"), i))
+    scores = []
+    for path in (tiny_dir, dst):
+        lm = HFLM(pretrained=str(path), backend="causal", device="cpu", batch_size=4, dtype="float32")
+        scores.append([ll for ll, _ in lm.loglikelihood(requests)])
+    assert type(HFLM(pretrained=str(dst), device="cpu", batch_size=1).model).__name__ == "MLKVForCausalLM"
+    assert max(abs(a - b) for a, b in zip(*scores)) <= 1e-4
