@@ -349,8 +349,12 @@ def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dic
     fig.savefig(plots / "uptrain_loss.png", dpi=120)
     plt.close(fig)
 
+    # Wall time over every invocation of this output folder (a run resumed across calls adds up).
+    timing_path = out / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"earlier_seconds": 0.0}
     results = {"settings": asdict(s), "rows": rows, "distillation_gap": gap, "bench": bench,
-               "seconds": time.time() - started, "command": command, "git_commit": _git_commit(),
+               "seconds": timing["earlier_seconds"] + time.time() - started, "command": command,
+               "git_commit": _git_commit(),
                "card": _card()}
     tmp = out / "results.json.tmp"
     tmp.write_text(json.dumps(results, indent=2, default=str))
@@ -399,6 +403,9 @@ def render_report(results: dict) -> str:
 
 
 def _git_commit() -> str:
+    """The checkout's commit (``MLKV_GIT_COMMIT`` where the tree has no .git, as on a copied GPU machine)."""
+    if os.environ.get("MLKV_GIT_COMMIT"):
+        return os.environ["MLKV_GIT_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
                               cwd=Path(__file__).parent).stdout.strip()
@@ -418,12 +425,17 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
     data = resolve_data_dir(s.data_dir)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
-    base = stage_base(s, data, out)
-    converted = stage_convert(s, base, out)
-    trained = stage_uptrain(s, data, base, converted, out)
-    evals = stage_eval(s, data, {"base": base, **trained}, out)
-    bench = stage_bench(s, trained, out)
-    report = stage_report(s, out, evals, trained, bench, started, command)
+    timing_path = out / "timing.json"
+    earlier = json.loads(timing_path.read_text())["earlier_seconds"] if timing_path.is_file() else 0.0
+    try:
+        base = stage_base(s, data, out)
+        converted = stage_convert(s, base, out)
+        trained = stage_uptrain(s, data, base, converted, out)
+        evals = stage_eval(s, data, {"base": base, **trained}, out)
+        bench = stage_bench(s, trained, out)
+        report = stage_report(s, out, evals, trained, bench, started, command)
+    finally:
+        timing_path.write_text(json.dumps({"earlier_seconds": earlier + time.time() - started}))
     _say(f"report: {report}")
     return report
 
