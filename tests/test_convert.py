@@ -199,3 +199,16 @@ def test_an_mha_mlkv_checkpoint_converts_to_a_plan(tmp_path):
     build_model(state, config).save_pretrained(tmp_path / "shared")
     with pytest.raises(ConversionError, match=r"already shares K/V across layers"):
         convert_state(tmp_path / "shared", "1x1")
+
+
+@torch.no_grad()
+def test_mistral_without_sliding_window_converts(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    hf = perturb(MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                                  max_position_embeddings=128, sliding_window=None)).eval())
+    state, config = convert_state(saved(hf, tmp_path), "mha")
+    ids = torch.randint(0, VOCAB, (1, 30))
+    assert (build_model(state, config).eval()(ids).logits - hf(ids).logits).abs().max() <= ATOL
