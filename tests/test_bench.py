@@ -13,12 +13,7 @@ from mlkv.config import preset_config
 from tiny import tiny_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("answer", [0, 1, 2, 7, 100, 1023, 4096, 99_999])

@@ -13,13 +13,7 @@ from tiny import VOCAB, tiny_model
 NEW = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Toy matrices: extra threads only add synchronisation (and thrash on a shared CPU).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def paper_model(name, flavor="gpt_neox"):

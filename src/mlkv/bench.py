@@ -554,6 +554,13 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
              "cache": measure_cache_allocation(model, max(step_batches), step_context, device),
              "generate": [], "step": [], "skipped": []}
         bar.update(1)
+        def run_hf(row, what, prompts, n):
+            """transformers' dynamic and static-cache generate() on the same prompts, into ``row``."""
+            _put(row, "hf_dynamic", guarded(f"{label} transformers dynamic {what}", lambda: _hf_run(
+                model, prompts, n, False, False, hf_repeats, device)))
+            _put(row, "hf_static", guarded(f"{label} transformers static {what}", lambda: _hf_run(
+                model, prompts, n, True, hf_compile, hf_repeats, device)))
+
         with torch.no_grad():
             for b in batches:
                 bar.set_description(f"{label}: generate b={b}")
@@ -562,10 +569,7 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
                 _put(row, "engine", guarded(f"{label} engine generate b={b}", lambda: _engine_run(
                     model, prompts, new_tokens, repeats, device, engine_kwargs)))
                 if hf and b <= hf_max_batch and not late():
-                    _put(row, "hf_dynamic", guarded(f"{label} transformers dynamic b={b}", lambda: _hf_run(
-                        model, prompts, new_tokens, False, False, hf_repeats, device)))
-                    _put(row, "hf_static", guarded(f"{label} transformers static b={b}", lambda: _hf_run(
-                        model, prompts, new_tokens, True, hf_compile, hf_repeats, device)))
+                    run_hf(row, f"b={b}", prompts, new_tokens)
                     if "engine" in row and "hf_static" in row:
                         row["agreement_vs_hf_static"] = _agreement(row["engine"]["tokens"],
                                                                    row["hf_static"]["tokens"])
@@ -589,10 +593,7 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
                 _put(row, "engine", guarded(f"{label} engine step b={b}", lambda: _engine_run(
                     model, prompts, step_tokens, repeats, device, engine_kwargs)))
                 if hf and b <= hf_max_batch and not late():
-                    _put(row, "hf_dynamic", guarded(f"{label} transformers dynamic step b={b}", lambda: _hf_run(
-                        model, prompts, step_tokens, False, False, hf_repeats, device)))
-                    _put(row, "hf_static", guarded(f"{label} transformers static step b={b}", lambda: _hf_run(
-                        model, prompts, step_tokens, True, hf_compile, hf_repeats, device)))
+                    run_hf(row, f"step b={b}", prompts, step_tokens)
                 elif hf:
                     why = "deadline" if late() else "batch > hf_max_batch"
                     r["skipped"].append(f"transformers step b={b} ({why})")
