@@ -66,3 +66,22 @@ def test_base_from_a_local_hf_checkpoint_skips_pretraining(tmp_path):
     assert json.loads((out / "base" / "done.json").read_text())["source"] == str(tmp_path / "pythia")
     assert not (out / "base" / "metrics.jsonl").exists()  # converted, not trained
     assert (out / "uptrain" / "MLKV-2-lm" / "model.safetensors").is_file()
+
+
+def test_plan_names_and_settings_guard(tmp_path):
+    import argparse
+
+    from mlkv.reproduce import add_reproduce_arguments, check_settings, plan_of, settings_from_args
+
+    assert [plan_of(r) for r in ("base", "MHA-144-lm", "MLKV-6-distill", "MLKV-2-lm-pairwise")] == \
+        ["MHA-144", "MHA-144", "MLKV-6", "MLKV-2"]
+    parse = add_reproduce_arguments(argparse.ArgumentParser()).parse_args
+    s = settings_from_args(parse(["--out", str(tmp_path), "--plans", "mlkv-6", "mha-144"]))
+    assert s.plans == ["MLKV-6", "MHA-144"] and s.distill_plans == ["MLKV-6"] and s.init_plans == ["MLKV-6"]
+    smoke = settings_from_args(parse(["--out", str(tmp_path), "--smoke", "--plans", "MHA-144"]))
+    assert smoke.distill_plans == [] and smoke.init_plans == []
+    with pytest.raises(ValueError, match=r"--plans 6x1: mlkv reproduce runs the paper's configs"):
+        settings_from_args(parse(["--out", str(tmp_path), "--plans", "6x1"]))
+    check_settings(Settings(out=str(tmp_path)), tmp_path)
+    with pytest.raises(ValueError, match=r"made with other settings: hidden_size \(384 -> 512\)"):
+        check_settings(Settings(out=str(tmp_path), hidden_size=512), tmp_path)

@@ -68,3 +68,10 @@ def test_list_length_must_match_layers():
         resolve_plan([0, 0], 3, 4)
     with pytest.raises(ValueError, match=r"number of producer layers \(13\) must be between 1 and"):
         resolve_plan("13x1", 12, 12)
+
+
+def test_zero_and_bare_number_names_get_clear_errors():
+    with pytest.raises(ValueError, match=r"number of KV heads \(0\) must be at least 1"):
+        resolve_plan("gqa-0", 12, 12)
+    with pytest.raises(ValueError, match=r"did you mean 6x1 or mlkv-6"):
+        resolve_plan("6", 12, 12)

@@ -61,15 +61,11 @@ def cmd_convert(args) -> int:
     mean-pooled within groups, and consumer layers' K/V folded into their producer (--init mean|pairwise|first).
     --keep-params widens the MLPs to restore the parameter count (new neurons have zero output weights, so the
     converted model's output is unchanged)."""
-    from .convert import convert_checkpoint, read_hf_state
-    from .modeling import MLKVForCausalLM  # noqa: F401  (registers the model)
+    from .convert import convert_checkpoint
 
     dst = convert_checkpoint(args.src, args.dst, plan=args.plan, init=args.init, keep_params=args.keep_params,
                              seed=args.seed, overwrite=args.overwrite)
     meta = json.loads((dst / "mlkv_conversion.json").read_text())
-    source_params = sum(t.numel() for t in read_hf_state(args.src).values()
-                        if t.is_floating_point())
-    meta["source_parameters"] = source_params
     print(f"wrote {dst}: plan {meta['structure']} (producers {sorted(set(meta['kv_source_layers']))}), "
           f"{meta['kv_bytes_per_token_fp16']} KV bytes/token in fp16, {meta['parameters']:,} parameters")
     print(json.dumps(meta))

@@ -63,7 +63,7 @@ class MLKVConfig(PreTrainedConfig):
         if self.attention_bias is None:
             self.attention_bias = neox
         if self.attention_out_bias is None:
-            self.attention_out_bias = self.attention_bias if neox else False
+            self.attention_out_bias = self.attention_bias  # as GPT-NeoX and Llama do; Qwen2 converts with False
         if self.mlp_bias is None:
             self.mlp_bias = neox
         if self.head_dim is None:

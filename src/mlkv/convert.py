@@ -116,21 +116,26 @@ def read_hf_config(src: str | Path) -> dict:
 
 
 def read_hf_state(src: str | Path) -> dict[str, torch.Tensor]:
-    """Load weights from safetensors (single or sharded), else ``pytorch_model*.bin`` with ``weights_only=True``."""
+    """Load weights from safetensors (single or sharded by its index), else ``pytorch_model.bin`` (single or
+    sharded) with ``weights_only=True``."""
     src = Path(src)
-    files = sorted(src.glob("*.safetensors"))
-    if files:
+    for index_name, single, loader in (
+            ("model.safetensors.index.json", "model.safetensors", lambda f: load_file(str(f))),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin",
+             lambda f: torch.load(f, map_location="cpu", weights_only=True))):
+        # The index (or the single file) names the weights; other files in the folder (e.g. Mistral's
+        # consolidated.safetensors, adapters) are not part of the checkpoint.
+        if (src / index_name).is_file():
+            files = sorted(set(json.loads((src / index_name).read_text())["weight_map"].values()))
+        elif (src / single).is_file():
+            files = [single]
+        else:
+            continue
         state = {}
         for f in files:
-            state.update(load_file(str(f)))
+            state.update(loader(src / f))
         return state
-    bins = sorted(src.glob("pytorch_model*.bin"))
-    if bins:
-        state = {}
-        for f in bins:
-            state.update(torch.load(f, map_location="cpu", weights_only=True))
-        return state
-    raise ConversionError(f"no *.safetensors or pytorch_model*.bin weights found in {src}")
+    raise ConversionError(f"no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found in {src}")
 
 
 def mlkv_config_from_hf(hf: dict) -> MLKVConfig:
@@ -157,7 +162,7 @@ def mlkv_config_from_hf(hf: dict) -> MLKVConfig:
     if arch == "GPTNeoXForCausalLM":
         rope.setdefault("rope_theta", hf.get("rotary_emb_base", hf.get("rope_theta", 10000.0)))
         rope.setdefault("partial_rotary_factor", hf.get("rotary_pct", hf.get("partial_rotary_factor", 0.25)))
-        rope.setdefault("rope_type", "default")
+        rope.setdefault("rope_type", rope.pop("type", "default"))
         return MLKVConfig(flavor="gpt_neox", norm_eps=hf.get("layer_norm_eps", 1e-5), hidden_act=hf.get("hidden_act", "gelu"),
                           use_parallel_residual=hf.get("use_parallel_residual", True),
                           attention_bias=hf.get("attention_bias", True), attention_out_bias=hf.get("attention_bias", True),

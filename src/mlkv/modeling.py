@@ -174,8 +174,10 @@ class MLKVAttention(nn.Module):
     def project(self, x: torch.Tensor):
         """Q (B, H, T, D) and, for a producer, K and V (B, H_kv, T, D), none of them rotated yet.
 
-        A producer runs its three projections as one matmul over the concatenated weights (the concatenation is a
-        cheap copy of the weights; the fused matmul is what GPT-NeoX's fused ``query_key_value`` gains).
+        A producer runs its three projections as one matmul over the concatenated weights, as GPT-NeoX's fused
+        ``query_key_value`` does. The concatenation copies the weights on every call: negligible next to a training
+        step's matmuls, but at one decoded token it costs more than the matmul itself (a stored fused weight would
+        avoid it; see the engine issue).
         """
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim

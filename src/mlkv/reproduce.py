@@ -1,6 +1,7 @@
 """``mlkv reproduce``: the MLKV paper's experiment end to end, on real data, at mini scale.
 
-Stages (each writes its outputs and a ``done.json`` marker under ``--out``; a rerun skips finished stages):
+Stages (each leaves a ``done.json`` marker, or for eval and bench its result file, under ``--out``; a rerun skips
+finished work, and refuses an ``--out`` made with other settings):
 
 1. ``base``: pretrain a Pythia-shaped MHA base (12 layers x 12 heads, so the paper's grid applies) on the Gutenberg
    corpus with the Pythia tokenizer, or take ``--base DIR`` (a local Hugging Face checkpoint such as
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -35,7 +37,7 @@ from .sharing import PAPER_PRESETS, resolve_plan
 MLKV_ONLY = [p for p in PAPER_PRESETS if p.startswith("MLKV")]
 INIT_COMPARISON = ["MLKV-6", "MLKV-2"]
 DEFAULT_TASKS = ["lambada_openai", "piqa", "arc_easy", "sciq", "hellaswag"]
-HF_DATASET = "EleutherAI/the_pile_deduplicated (any text dataset through --data hf:NAME)"
+HF_DATASET = "EleutherAI/the_pile_deduplicated (mlkv train takes any text dataset as --data hf:NAME)"
 
 
 @dataclass
@@ -234,7 +236,7 @@ def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> d
     return results
 
 
-def stage_bench(s: Settings, models: dict[str, Path], out: Path) -> dict | None:
+def stage_bench(s: Settings, out: Path) -> dict | None:
     import torch
 
     path = out / "bench" / "bench.json"
@@ -276,11 +278,10 @@ def summarize(name: str, res: dict) -> dict:
 
 
 def plan_of(run: str) -> str:
-    """``MLKV-6-distill-first`` -> ``MLKV-6``; ``base`` -> ``MHA-144``."""
+    """``MLKV-6-distill`` -> ``MLKV-6``; ``MLKV-2-lm-pairwise`` -> ``MLKV-2``; ``base`` -> ``MHA-144``."""
     if run == "base":
         return "MHA-144"
-    head, rest = run.split("-", 1)
-    return f"{head}-{rest.split('-', 1)[0]}"
+    return re.sub(r"-(lm|distill)(-(pairwise|first))?$", "", run)
 
 
 def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dict[str, Path],
@@ -420,11 +421,41 @@ def _card() -> str:
 
 
 # ---- the command ------------------------------------------------------------------------------------------------
+# Settings that change what the stages produce; a rerun into the same --out must keep them.
+RESULT_SETTINGS = ("base", "smoke", "hidden_size", "intermediate_size", "seq_len", "micro_batch_size", "base_tokens",
+                   "uptrain_tokens", "train_shards", "max_documents", "limit", "ppl_limit", "ppl_max_tokens", "seed")
+
+
+def check_settings(s: Settings, out: Path) -> None:
+    """Record the result-shaping settings in ``out/settings.json``; refuse a rerun that changes them."""
+    path = out / "settings.json"
+    mine = {k: getattr(s, k) for k in RESULT_SETTINGS}
+    if path.is_file():
+        theirs = json.loads(path.read_text())
+        changed = [f"{k} ({theirs.get(k)!r} -> {mine[k]!r})" for k in RESULT_SETTINGS if theirs.get(k) != mine[k]]
+        if changed:
+            raise ValueError(f"{out} was made with other settings: {', '.join(changed)}; use another --out or the "
+                             "same settings (finished stages are reused)")
+    else:
+        path.write_text(json.dumps(mine, indent=2))
+
+
+def canonical_plans(names: list[str]) -> list[str]:
+    """User plan names spelled as the paper does (``mlkv-6`` -> ``MLKV-6``); only the paper's grid is accepted."""
+    by_key = {p.lower(): p for p in PAPER_PRESETS}
+    unknown = [n for n in names if n.lower() not in by_key]
+    if unknown:
+        raise ValueError(f"--plans {' '.join(unknown)}: mlkv reproduce runs the paper's configs, one of "
+                         f"{', '.join(PAPER_PRESETS)}")
+    return [by_key[n.lower()] for n in names]
+
+
 def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
     started = time.time()
     data = resolve_data_dir(s.data_dir)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_settings(s, out)
     timing_path = out / "timing.json"
     earlier = json.loads(timing_path.read_text())["earlier_seconds"] if timing_path.is_file() else 0.0
     try:
@@ -432,7 +463,7 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
         converted = stage_convert(s, base, out)
         trained = stage_uptrain(s, data, base, converted, out)
         evals = stage_eval(s, data, {"base": base, **trained}, out)
-        bench = stage_bench(s, trained, out)
+        bench = stage_bench(s, out)
         report = stage_report(s, out, evals, trained, bench, started, command)
     finally:
         timing_path.write_text(json.dumps({"earlier_seconds": earlier + time.time() - started}))
@@ -472,9 +503,12 @@ def settings_from_args(args) -> Settings:
         overrides["bench"] = False
     if args.compile:
         overrides["compile"] = True
+    if args.plans:
+        overrides["plans"] = canonical_plans(args.plans)
     if args.smoke:
-        return Settings.smoke_settings(args.out, **overrides)
-    s = Settings(out=args.out, **{k: v for k, v in overrides.items() if v is not None})
+        s = Settings.smoke_settings(args.out, **overrides)
+    else:
+        s = Settings(out=args.out, **{k: v for k, v in overrides.items() if v is not None})
     s.distill_plans = [p for p in s.distill_plans if p in s.plans]
     s.init_plans = [p for p in s.init_plans if p in s.plans]
     return s

@@ -175,7 +175,7 @@ def plan_from_structure(num_layers: int, num_heads: int, num_producers: int, kv_
 
 def _factorizations(total: int, num_layers: int, num_heads: int) -> list[str]:
     return [f"{p}x{total // p}" for p in range(1, num_layers + 1)
-            if total % p == 0 and num_heads % (total // p) == 0]
+            if total % p == 0 and total // p >= 1 and num_heads % (total // p) == 0]
 
 
 def resolve_plan(name: str | list[int] | SharingPlan, num_layers: int, num_heads: int) -> SharingPlan:
@@ -210,6 +210,8 @@ def resolve_plan(name: str | list[int] | SharingPlan, num_layers: int, num_heads
         return SharingPlan(tuple(sources_from_producers(num_layers, producers)), num_heads, num_heads, display)
     if m := re.fullmatch(r"(mha|mqa|gqa|mlkv)-(\d+)", key):
         kind, total = m[1], int(m[2])
+        if total < 1:
+            raise ValueError(f"plan name {name!r}: the number of KV heads ({total}) must be at least 1")
         options = ", ".join(_factorizations(total, num_layers, num_heads)) or "none fits this shape"
         if kind == "mha" and total == num_layers * num_heads:
             return plan_from_structure(num_layers, num_heads, num_layers, num_heads, display.upper())
@@ -224,6 +226,8 @@ def resolve_plan(name: str | list[int] | SharingPlan, num_layers: int, num_heads
             f"(its meaning in the MLKV paper holds for 12 x 12); use the explicit form <producer layers>x<KV heads>, "
             f"e.g. one of: {options}"
         )
+    if re.fullmatch(r"\d+", key):
+        raise ValueError(f"plan name {name!r} is a single number: did you mean {key}x1 or mlkv-{key}?")
     if re.fullmatch(r"\d+(\s*,\s*\d+)*(:\d+)?", key):
         sources, _, heads = key.partition(":")
         validate_sharing([int(s) for s in sources.split(",")], int(heads) if heads else num_heads, num_heads,
