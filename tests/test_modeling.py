@@ -5,6 +5,7 @@ import torch
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from mlkv import MLKVForCausalLM
+from mlkv.modeling import CACHE_FIELD
 from mlkv.convert import parameter_count
 from mlkv.sharing import PAPER_PRESETS
 from tiny import VOCAB, tiny_model
@@ -95,7 +96,7 @@ def test_greedy_generate_matches_argmax_loop_and_cache_holds_only_producers(name
         nxt = model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
         seq = torch.cat([seq, nxt], dim=1)
     assert torch.equal(out.sequences, seq)
-    cache = out.past_key_values
+    cache = getattr(out, CACHE_FIELD)  # past_key_values before transformers 5.24
     plan = model.config.sharing
     held = [i for i, layer in enumerate(cache.layers) if getattr(layer, "keys", None) is not None
             and layer.keys.numel() > 0]

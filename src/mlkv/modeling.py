@@ -110,6 +110,10 @@ def sdpa_attention(q, k, v, mask, scaling: float, dropout: float = 0.0, training
 
 ATTENTION_FUNCTIONS: dict[str, Callable] = {"eager": eager_attention, "sdpa": sdpa_attention}
 
+# transformers 5.24 renamed ``past_key_values`` to ``cache`` (arguments and output fields); accept both, return the
+# installed version's name.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 # ---- blocks ---------------------------------------------------------------------------------------------------------
 class MLKVRMSNorm(nn.Module):
@@ -273,7 +277,9 @@ class MLKVModel(MLKVPreTrainedModel):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
-                output_hidden_states: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
+                output_hidden_states: bool | None = None, cache: Cache | None = None,
+                **kwargs) -> BaseModelOutputWithPast:
+        past_key_values = past_key_values if past_key_values is not None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -288,8 +294,8 @@ class MLKVModel(MLKVPreTrainedModel):
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
-        mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                                  past_key_values=past_key_values, position_ids=position_ids)
+        # The cache is passed by position: its keyword is ``past_key_values`` before transformers 5.24, ``cache`` after.
+        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids=position_ids)
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids)
         shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -306,7 +312,7 @@ class MLKVModel(MLKVPreTrainedModel):
         hidden = self.norm(hidden)
         if all_hidden is not None:
             all_hidden.append(hidden)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values,
+        return BaseModelOutputWithPast(last_hidden_state=hidden, **{CACHE_FIELD: past_key_values},
                                        hidden_states=tuple(all_hidden) if all_hidden is not None else None)
 
 
@@ -328,17 +334,17 @@ class MLKVForCausalLM(MLKVPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 past_key_values: Cache | None = None, labels=None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+                return_dict: bool | None = None, cache: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         inputs_embeds=inputs_embeds, past_key_values=past_key_values, use_cache=use_cache,
-                         output_hidden_states=output_hidden_states)
+                         inputs_embeds=inputs_embeds, past_key_values=past_key_values, cache=cache,
+                         use_cache=use_cache, output_hidden_states=output_hidden_states)
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T_keep, V)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: getattr(out, CACHE_FIELD)},
                                       hidden_states=out.hidden_states)
 
     # ---- accounting -------------------------------------------------------------------------------------------------
