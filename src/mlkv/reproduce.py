@@ -350,11 +350,8 @@ def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dic
     fig.savefig(plots / "uptrain_loss.png", dpi=120)
     plt.close(fig)
 
-    # Wall time over every invocation of this output folder (a run resumed across calls adds up).
-    timing_path = out / "timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {"earlier_seconds": 0.0}
     results = {"settings": asdict(s), "rows": rows, "distillation_gap": gap, "bench": bench,
-               "seconds": timing["earlier_seconds"] + time.time() - started, "command": command,
+               "seconds": time.time() - started, "command": command,
                "git_commit": _git_commit(),
                "card": _card()}
     tmp = out / "results.json.tmp"
@@ -464,7 +461,8 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
         trained = stage_uptrain(s, data, base, converted, out)
         evals = stage_eval(s, data, {"base": base, **trained}, out)
         bench = stage_bench(s, out)
-        report = stage_report(s, out, evals, trained, bench, started, command)
+        # Wall time over every invocation of this output folder: a run resumed across calls adds up.
+        report = stage_report(s, out, evals, trained, bench, started - earlier, command)
     finally:
         timing_path.write_text(json.dumps({"earlier_seconds": earlier + time.time() - started}))
     _say(f"report: {report}")
