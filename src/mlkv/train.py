@@ -458,8 +458,9 @@ def _setup(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
         device = torch.device("cuda", ctx.local_rank)  # one GPU per rank
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        tf32 = cfg.precision != "fp32"  # --precision fp32 means fp32 matmuls, not TF32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
     return ctx, device
 
 
@@ -1072,7 +1073,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "distill, 0 for lm)")
     g = parser.add_argument_group("execution")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU")
+                   help="auto: bf16 autocast on CUDA (TF32 matmuls elsewhere), fp32 on CPU; fp32 turns TF32 off")
     g.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default=d.sdpa_backend,
                    help="attention kernel preferred on CUDA (auto: PyTorch's order)")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer and the loss")
