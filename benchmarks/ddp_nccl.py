@@ -7,7 +7,7 @@
    one GPU against N GPUs with DDP and with FSDP2, launched with ``torchrun`` exactly as users do. Reports tokens/s
    and the scaling efficiency (tokens/s of N GPUs over N x one GPU's).
 
-    python benchmarks/ddp_nccl.py --out benchmarks/results/ddp_nccl_h100x2.json     # a host with >= 2 GPUs
+    python benchmarks/ddp_nccl.py --out benchmarks/results/ddp_nccl_h200x2/ddp_nccl.json  # a host with >= 2 GPUs
     python benchmarks/ddp_nccl.py --device cpu --preset tiny-neox --out /tmp/d.json  # code path only (gloo)
 
 Every run is a separate process (``torchrun`` for the several-GPU ones); this file is also their worker

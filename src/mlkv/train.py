@@ -449,7 +449,9 @@ def _setup(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
     use_cuda = torch.cuda.is_available() and (cfg.device is None or cfg.device.startswith("cuda"))
     if world > 1 or dist.is_initialized():
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            local = int(os.environ.get("LOCAL_RANK", "0"))  # pin the rank's GPU: no NCCL guess, no hang
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                    device_id=torch.device("cuda", local) if use_cuda else None)
             ctx.created_group = True
         ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
         ctx.local_rank = int(os.environ.get("LOCAL_RANK", ctx.rank))
