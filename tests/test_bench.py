@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mlkv.bench import (add_bench_arguments, find_max_batch, find_max_context, run_bench, run_bench_command,
-                        search_max, weight_bytes)
+                        search_max, time_full_step, weight_bytes)
 from mlkv.config import preset_config
 from tiny import tiny_model
 
@@ -150,3 +150,11 @@ def test_argument_errors(tmp_path, kw, match):
 def test_unknown_model():
     with pytest.raises(ValueError, match="neither a preset"):
         run_bench("no-such-model", device="cpu", progress=False)
+
+
+def test_time_full_step_runs_a_full_context_step():
+    """The decode-at-max-batch timing: a full-context greedy step at the given batch, with no cache growth."""
+    model = tiny_model("gpt_neox", "mqa")
+    r = time_full_step(model, 3, 20, "cpu", iters=2)
+    assert r["batch"] == 3 and r["context"] == 20 and r["step_ms"] > 0
+    assert r["decode_tok_s"] == pytest.approx(3 / (r["step_ms"] / 1e3))

@@ -67,6 +67,26 @@ def test_engine_reuses_buffers_and_restores_attention():
     assert model.config._attn_implementation == "sdpa"  # the engine's attention is selected only while it runs
 
 
+def test_fused_qkv_weights_follow_the_parameters():
+    """The engine's stored fused Q/K/V weights are used only while it runs, and each generate() refreshes them."""
+    model = paper_model("MLKV-12")
+    engine = MLKVEngine(model, bucket=8)
+    producers = model.config.sharing.producers
+    assert sorted(engine._fused) == producers
+    fused = sum(w.numel() + (0 if b is None else b.numel()) for w, b in engine._fused.values()) * 4
+    assert fused == MLKVEngine.fused_bytes(model.config, torch.float32)
+    assert_matches_hf(model, engine, [5, 9])
+    storage = engine._fused[producers[0]][0]
+    with torch.no_grad():  # "training" changed the weights after the engine was built
+        for layer in model.model.layers:
+            if layer.self_attn.is_producer:
+                layer.self_attn.k_proj.weight.mul_(-1.5)
+                layer.self_attn.q_proj.bias.add_(0.3)
+    assert_matches_hf(model, engine, [5, 9], seed=1)
+    assert engine._fused[producers[0]][0] is storage  # refreshed in place: captured graphs stay valid
+    assert all(layer.self_attn.qkv_weights is None for layer in model.model.layers)  # outside the engine
+
+
 @pytest.mark.parametrize("name", PAPER_PRESETS)
 def test_static_cache_holds_only_producers(name):
     model = paper_model(name)

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, MLKVConfig, preset_config
-from .engine import MLKVEngine, ProducerKVCache
+from .engine import MLKVEngine, ProducerKVCache, Sampling
 from .modeling import MLKVForCausalLM
 from .sharing import PAPER_PRESETS, PAPER_SHAPE, resolve_plan
 
@@ -124,7 +124,8 @@ def simulated_try_fit(budget_bytes: int) -> TryFit:
 
     def fits(model, batch: int, context: int) -> bool:
         dtype = next(model.parameters()).dtype
-        need = (weight_bytes(model) + MLKVEngine.buffer_bytes(model.config, batch, context, dtype)
+        need = (weight_bytes(model) + MLKVEngine.fused_bytes(model.config, dtype)
+                + MLKVEngine.buffer_bytes(model.config, batch, context, dtype)
                 + step_activation_bytes(model.config, batch, dtype))
         return need <= budget_bytes
 
@@ -161,6 +162,30 @@ def cuda_try_fit(errors: list[str] | None = None) -> TryFit:
         return ok
 
     return fits
+
+
+@torch.no_grad()
+def time_full_step(model, batch: int, context: int, device, iters: int = 5) -> dict:
+    """Decode throughput at a given batch with ``context`` tokens in every row's cache (the max-batch point): the
+    cache is allocated as the max-batch search did, every column is open, and one greedy step over the full context
+    is timed ``iters`` times (median; eager step, no graph: at this size the kernels, not launches, take the time).
+    The cache holds zeros rather than a real prefill (the time of a memory-bound step does not depend on them)."""
+    engine = MLKVEngine(model, cuda_graphs=False, bucket=None)
+    try:
+        engine.probe_step(batch, context)  # allocation + warm-up step
+        key = Sampling().key
+        times = []
+        for _ in range(iters):
+            engine.col.fill_(context - 1)  # the same last column every time: the cache never grows
+            engine.step.zero_()
+            times.append(_wall(lambda: engine._run_step(context, key, False), device)[0])
+    finally:
+        engine.release()
+        del engine
+        _free_cuda()
+    step = _median(times)
+    return {"batch": batch, "context": context, "step_ms": step * 1e3, "decode_tok_s": batch / step,
+            "iters": iters, "graph": False}
 
 
 def find_max_batch(model, context: int, try_fit: TryFit, budget_bytes: int | None = None,
@@ -504,9 +529,9 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
                       "head_dim": config.head_dim, "vocab": config.vocab_size, "max_position": max_pos},
             "weights_note": "random weights (transformers init) unless a checkpoint is given; speed and memory do not "
                             "depend on the values",
-            "hf_static_note": "transformers generate(cache_implementation='static'), "
-                              + ("auto-compiled (torch.compile reduce-overhead)" if hf_compile
-                                 else "eager (disable_compile=True)"),
+            "hf_static_note": "transformers generate(cache_implementation='static'): hf_static eager "
+                              "(disable_compile=True)" + ("; hf_static_compiled auto-compiled (its torch.compile "
+                                                           "fast path)" if hf_compile else ""),
             "budget_bytes": budget_bytes, "card_bytes": card_bytes, "fit_method": fit_method,
             "settings": dict(batches=batches, prompt_len=prompt_len, new_tokens=new_tokens, step_context=step_context,
                              step_batches=step_batches, step_tokens=step_tokens, context=context,
@@ -559,7 +584,11 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
             _put(row, "hf_dynamic", guarded(f"{label} transformers dynamic {what}", lambda: _hf_run(
                 model, prompts, n, False, False, hf_repeats, device)))
             _put(row, "hf_static", guarded(f"{label} transformers static {what}", lambda: _hf_run(
-                model, prompts, n, True, hf_compile, hf_repeats, device)))
+                model, prompts, n, True, False, hf_repeats, device)))
+            if hf_compile and not late():  # its compiled fast path, next to the eager one
+                _put(row, "hf_static_compiled", guarded(f"{label} transformers static compiled {what}",
+                                                        lambda: _hf_run(model, prompts, n, True, True, hf_repeats,
+                                                                        device)))
 
         with torch.no_grad():
             for b in batches:
@@ -597,7 +626,7 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
                 elif hf:
                     why = "deadline" if late() else "batch > hf_max_batch"
                     r["skipped"].append(f"transformers step b={b} ({why})")
-                for k in ("engine", "hf_dynamic", "hf_static"):
+                for k in ("engine", "hf_dynamic", "hf_static", "hf_static_compiled"):
                     if k in row:
                         row[k]["bound_ratio"] = row[k]["step_ms"] / row["hbm_bound_ms"]
                         row[k]["bandwidth_fraction"] = row["hbm_bound_ms"] / row[k]["step_ms"]
@@ -615,6 +644,10 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
                     _put(r, "max_context", guarded(f"{label} max context search", lambda: find_max_context(
                         model, context_batch, try_fit, budget_bytes)))
                     bar.update(1)
+                    if "max_batch" in r and fit_method.startswith("cuda"):  # only a batch that really fits
+                        bar.set_description(f"{label}: decode at max batch")
+                        _put(r, "max_batch_decode", guarded(f"{label} decode at max batch", lambda: time_full_step(
+                            model, r["max_batch"]["max_batch"], context, device)))
                 finally:
                     _set_budget(device, None, card_bytes)
             elif search:
@@ -684,7 +717,7 @@ def _speedups(row: dict) -> None:
     if "engine" not in row:
         return
     e = row["engine"]
-    for k in ("hf_dynamic", "hf_static"):
+    for k in ("hf_dynamic", "hf_static", "hf_static_compiled"):
         if k in row and "step_ms" in row[k] and "step_ms" in e:
             row[f"step_speedup_vs_{k}"] = row[k]["step_ms"] / e["step_ms"]
             row[f"e2e_speedup_vs_{k}"] = e["e2e_tok_s"] / row[k]["e2e_tok_s"]
@@ -704,6 +737,8 @@ def _summary(results: list[dict]) -> dict:
             s[f"gen_b{b}_step_ms"] = _round(row.get("engine", {}).get("step_ms"))
             if "step_speedup_vs_hf_static" in row:
                 s[f"gen_b{b}_speedup_vs_hf_static"] = _round(row["step_speedup_vs_hf_static"])
+            if "step_speedup_vs_hf_static_compiled" in row:
+                s[f"gen_b{b}_speedup_vs_hf_static_compiled"] = _round(row["step_speedup_vs_hf_static_compiled"])
             if "engine_compiled" in row:
                 s[f"gen_b{b}_compiled_step_ms"] = _round(row["engine_compiled"].get("step_ms"))
                 if "compiled_step_speedup_vs_hf_static" in row:
@@ -716,6 +751,8 @@ def _summary(results: list[dict]) -> dict:
                 s[f"step_b{b}_speedup_vs_hf_static"] = _round(row["step_speedup_vs_hf_static"])
         if "max_batch" in r:
             s["max_batch"] = r["max_batch"]["max_batch"]
+        if "max_batch_decode" in r:
+            s["max_batch_decode_tok_s"] = _round(r["max_batch_decode"]["decode_tok_s"])
         if "max_context" in r:
             s["max_context"] = r["max_context"]["max_context"]
         out[r["plan"]] = s
@@ -742,7 +779,7 @@ def csv_rows(report: dict) -> list[dict]:
                 "max_context": r.get("max_context", {}).get("max_context")}
         for run in ("generate", "step"):
             for row in r[run]:
-                for impl in ("engine", "engine_compiled", "hf_dynamic", "hf_static"):
+                for impl in ("engine", "engine_compiled", "hf_dynamic", "hf_static", "hf_static_compiled"):
                     if impl not in row:
                         continue
                     m = row[impl]
@@ -855,12 +892,14 @@ def print_report(report: dict) -> None:
     gen_b = sorted({row["batch"] for r in plans for row in r["generate"]})
     step_b = sorted({row["batch"] for r in plans for row in r["step"]})
     compiled = sorted({row["batch"] for r in plans for row in r["generate"] if "engine_compiled" in row})
+    hf_cmp = sorted({row["batch"] for r in plans for row in r["generate"] if "hf_static_compiled" in row})
     header = ["plan", "KV B/tok", "alloc B/tok"]
     for b in gen_b:
-        header += [f"gen b{b} ms", "x hf-st"] + ([f"cmp b{b} ms", "x hf-st"] if b in compiled else [])
+        header += [f"gen b{b} ms", "x hf-st"] + (["x hf-stc"] if b in hf_cmp else []) + (
+            [f"cmp b{b} ms", "x hf-st"] + (["x hf-stc"] if b in hf_cmp else []) if b in compiled else [])
     for b in step_b:
         header += [f"ctx b{b} ms", "x bound", "x hf-st"]
-    header += ["max batch", "max ctx"]
+    header += ["max batch", "tok/s@max", "max ctx"]
     rows = []
     for r in plans:
         cells = [r["plan"], str(r["kv_bytes_per_token"]), _fmt(r["cache"]["kv_bytes_per_token_allocated"], ".6g")]
@@ -868,15 +907,21 @@ def print_report(report: dict) -> None:
         for b in gen_b:
             row = gen.get(b, {})
             cells += [_fmt(row.get("engine", {}).get("step_ms")), _fmt(row.get("step_speedup_vs_hf_static"), ".2f")]
+            hf_c = row.get("hf_static_compiled", {}).get("step_ms")
+            if b in hf_cmp:
+                cells += [_fmt(row.get("step_speedup_vs_hf_static_compiled"), ".2f")]
             if b in compiled:
-                cells += [_fmt(row.get("engine_compiled", {}).get("step_ms")),
-                          _fmt(row.get("compiled_step_speedup_vs_hf_static"), ".2f")]
+                c = row.get("engine_compiled", {}).get("step_ms")
+                cells += [_fmt(c), _fmt(row.get("compiled_step_speedup_vs_hf_static"), ".2f")]
+                if b in hf_cmp:
+                    cells += [_fmt(hf_c / c if hf_c and c else None, ".2f")]
         step = {row["batch"]: row for row in r["step"]}
         for b in step_b:
             e = step.get(b, {}).get("engine", {})
             cells += [_fmt(e.get("step_ms")), _fmt(e.get("bound_ratio"), ".2f"),
                       _fmt(step.get(b, {}).get("step_speedup_vs_hf_static"), ".2f")]
         cells += [str(r.get("max_batch", {}).get("max_batch", "-")),
+                  _fmt(r.get("max_batch_decode", {}).get("decode_tok_s"), ".4g"),
                   str(r.get("max_context", {}).get("max_context", "-"))]
         rows.append(cells)
     widths = [max([len(h)] + [len(c[i]) for c in rows]) for i, h in enumerate(header)]
@@ -887,7 +932,7 @@ def print_report(report: dict) -> None:
     print(f"gen: prompt {s['prompt_len']} + {s['new_tokens']} new tokens, ms per decode step (cmp: torch.compile'd "
           f"engine); ctx: decode steps at context {s['step_context']}; x bound: step time / HBM bound "
           f"(weights + KV in use at the measured copy bandwidth); x hf-st: transformers static-cache step time / "
-          f"engine's; max batch at context {s['context']}, max ctx at batch {s['context_batch']} "
+          f"engine's (x hf-stc: its compiled path); tok/s@max: decode tokens/s at the max batch, full context; max batch at context {s['context']}, max ctx at batch {s['context_batch']} "
           f"({meta['fit_method']}, budget {meta['budget_bytes'] / GB:.3g} GB)")
     for r in plans:
         if r["skipped"]:

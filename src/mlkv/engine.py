@@ -99,13 +99,20 @@ ATTENTION_FUNCTIONS.setdefault(ENGINE_ATTENTION, engine_attention)
 
 
 @contextmanager
-def _engine_attention(config):
+def _engine_mode(model, fused: dict | None = None):
+    """While the engine runs ``model``: its attention function, and the producers' stored fused QKV weights."""
+    config = model.config
     old = config._attn_implementation
     config._attn_implementation = ENGINE_ATTENTION
+    attns = [layer.self_attn for layer in model.model.layers] if fused else []
+    for attn in attns:
+        attn.qkv_weights = fused.get(attn.layer_idx)
     try:
         yield
     finally:
         config._attn_implementation = old
+        for attn in attns:
+            attn.qkv_weights = None
 
 
 # ---- cache ----------------------------------------------------------------------------------------------------------
@@ -209,11 +216,13 @@ class MLKVEngine:
     prompts than the allocated batch fills the rest with dummy rows (same graphs, same cache).
     ``bucket``: attention length granularity of decode steps (``None``: whole cache). ``cuda_graphs``: ``None`` =
     on for CUDA models. ``compile``: run the step through ``torch.compile`` (``True`` or a mode string).
+    ``fuse_qkv``: keep one concatenated Q/K/V weight per producer (``fused_bytes``; refreshed from the parameters at
+    every ``generate``/``prepare``) instead of concatenating the weights in every step.
     """
 
     def __init__(self, model, *, max_batch_size: int | None = None, max_len: int | None = None,
                  bucket: int | None | str = "auto", cuda_graphs: bool | None = None, compile: bool | str = False,
-                 pad_token_id: int | None = None, stop_check_interval: int = 16):
+                 pad_token_id: int | None = None, stop_check_interval: int = 16, fuse_qkv: bool = True):
         self.model = model
         self.config = model.config
         if not hasattr(self.config, "sharing"):
@@ -239,9 +248,14 @@ class MLKVEngine:
         self._step_fn = self._decode_step
         if compile:
             mode = compile if isinstance(compile, str) else None
-            import torch._dynamo
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            import torch._dynamo as dynamo  # (a plain "import torch._dynamo" would make torch a local name here)
+            dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
             self._step_fn = torch.compile(self._decode_step, mode=mode, dynamic=False)
+        self._fused: dict[int, tuple] = {}
+        if fuse_qkv:
+            with torch.no_grad():
+                self._fused = {layer.self_attn.layer_idx: layer.self_attn.fused_qkv() for layer in model.model.layers
+                               if layer.self_attn.is_producer}
         self.cache: ProducerKVCache | None = None
         self.batch_size = 0
         self.max_len = 0
@@ -253,7 +267,29 @@ class MLKVEngine:
                 raise ValueError("give both max_batch_size and max_len to preallocate, or neither")
             self.setup(max_batch_size, max_len)
 
+    def _mode(self):
+        return _engine_mode(self.model, self._fused)
+
+    @torch.no_grad()
+    def refresh_weights(self) -> None:
+        """Copy the model's current Q/K/V parameters into the stored fused weights (after training, say).
+        ``prepare`` (so every ``generate``) calls it; the copies keep their storage, so captured graphs stay valid."""
+        for layer in self.model.model.layers:
+            fused = self._fused.get(layer.self_attn.layer_idx)
+            if fused is not None:
+                for dst, src in zip(fused, layer.self_attn.fused_qkv()):
+                    if dst is not None:
+                        dst.copy_(src)
+
     # ---- buffers ----------------------------------------------------------------------------------------------------
+    @staticmethod
+    def fused_bytes(config, dtype=torch.bfloat16) -> int:
+        """Bytes of the stored fused Q/K/V weights (``fuse_qkv``): one copy of every producer's Q, K and V."""
+        esize = torch.empty((), dtype=dtype).element_size()
+        rows = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
+        per_layer = rows * (config.hidden_size + (1 if config.attention_bias else 0))
+        return len(config.sharing.producers) * per_layer * esize
+
     @staticmethod
     def buffer_bytes(config, batch_size: int, max_len: int, dtype=torch.bfloat16, max_new_tokens: int = 1) -> int:
         """Bytes ``setup`` allocates (cache + step state), for memory planning without allocating."""
@@ -366,14 +402,14 @@ class MLKVEngine:
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), _engine_attention(self.config):
+        with torch.cuda.stream(stream), self._mode():
             for _ in range(2):  # cuBLAS handles, SDPA kernel choice, compile
                 reset()
                 fn(kv_len, key, check_stops)
         torch.cuda.current_stream().wait_stream(stream)
         reset()
         graph = torch.cuda.CUDAGraph()
-        with _engine_attention(self.config), torch.cuda.graph(graph, pool=self._pool):
+        with self._mode(), torch.cuda.graph(graph, pool=self._pool):
             fn(kv_len, key, check_stops)
         self._graphs[gkey] = graph
 
@@ -382,7 +418,7 @@ class MLKVEngine:
         if graph is not None:
             graph.replay()
         else:
-            with _engine_attention(self.config):
+            with self._mode():
                 self._step_fn(kv_len, key, check_stops, self._generator)
 
     # ---- generation -------------------------------------------------------------------------------------------------
@@ -443,6 +479,7 @@ class MLKVEngine:
             self.setup(batch, length, max_new_tokens)
         stops = (stops or []) + [[]] * (self.batch_size - len(stops or []))
         self._set_stops(stops)
+        self.refresh_weights()
         check_stops = any(stops)
         if self.cuda_graphs:
             with torch.no_grad():
@@ -484,7 +521,7 @@ class MLKVEngine:
             allowed |= torch.eye(P, dtype=torch.bool, device=dev)[None]  # pad queries see themselves: no NaN
             mask4 = torch.zeros(B, 1, P, P, dtype=self.dtype, device=dev).masked_fill_(~allowed[:, None], neg)
         self.cache.kv_len = P
-        with _engine_attention(self.config):
+        with self._mode():
             logits = self._forward(ids, mask4, positions)
         self.mask.fill_(neg)
         self.mask[:, 0, 0, :P].masked_fill_(key_ok, 0.0)
@@ -582,7 +619,7 @@ class MLKVEngine:
         self.step.zero_()
         self.done.zero_()
         self.tok.zero_()
-        with _engine_attention(self.config):
+        with self._mode():
             self._decode_step(context, Sampling().key, False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

@@ -174,22 +174,28 @@ class MLKVAttention(nn.Module):
             self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
             self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.attention_out_bias)
+        self.qkv_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see ``project``
+
+    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The producer's Q, K and V weights (and biases) concatenated: ``((H + 2 H_kv) D, hidden)``, a copy."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projs])  # ((H + 2 H_kv) D, hidden)
+        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        return weight, bias
 
     def project(self, x: torch.Tensor):
         """Q (B, H, T, D) and, for a producer, K and V (B, H_kv, T, D), none of them rotated yet.
 
         A producer runs its three projections as one matmul over the concatenated weights, as GPT-NeoX's fused
         ``query_key_value`` does. The concatenation copies the weights on every call: negligible next to a training
-        step's matmuls, but at one decoded token it costs more than the matmul itself (a stored fused weight would
-        avoid it; see the engine issue).
+        step's matmuls, but at one decoded token it costs more than the matmul itself, so the decoding engine sets
+        ``qkv_weights`` to a stored copy (kept in step with the parameters by the engine) while it runs the model.
         """
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if not self.is_producer:
             return self.q_proj(x).view(B, T, H, D).transpose(1, 2), None, None  # (B, H, T, D)
-        projs = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projs])  # ((H + 2 H_kv) D, hidden)
-        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        weight, bias = self.qkv_weights if self.qkv_weights is not None else self.fused_qkv()
         q, k, v = F.linear(x, weight, bias).split([H * D, H_kv * D, H_kv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H_kv, D).transpose(1, 2)  # (B, H_kv, T, D)
