@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from mlkv.reproduce import Settings, planned_runs, reproduce, resolve_data_dir
+from mlkv.reproduce import Settings, planned_runs, reproduce, resolve_data_dir, run_name
 
 DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 needs_data = pytest.mark.skipif(not (DATA / "corpus" / "gutenberg").is_dir(), reason="shared data not found")
@@ -24,6 +24,9 @@ def test_planned_runs_cover_the_grid():
     names = [(r["plan"], r["objective"], r["init"]) for r in planned_runs(s)]
     assert len(names) == 9 + 6 + 4
     assert ("MLKV-6", "distill", "mean") in names and ("MLKV-2", "lm", "first") in names
+    seeded = [run_name(**r) for r in planned_runs(Settings(out="x", init_seeds=2))]
+    assert len(seeded) == 19 + 2 * 3 and len(set(seeded)) == len(seeded)
+    assert {"MLKV-6-lm-s1", "MLKV-6-lm-pairwise-s1", "MLKV-2-lm-first-s1", "MLKV-2-lm-first"} <= set(seeded)
 
 
 def test_missing_data_names_flag_env_and_hub_dataset(tmp_path, monkeypatch):
@@ -35,7 +38,7 @@ def test_missing_data_names_flag_env_and_hub_dataset(tmp_path, monkeypatch):
 @needs_data
 def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "run"
-    report = reproduce(small(out, tasks=["lambada_openai", "piqa"]))
+    report = reproduce(small(out, tasks=["lambada_openai", "piqa"], eval_workers=2))  # 2 processes evaluate
     text = report.read_text()
     assert "| MLKV-2-distill | MLKV-2 (2x1) | 2 |" in text
     results = json.loads((out / "results.json").read_text())
@@ -44,6 +47,9 @@ def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert all(r["gutenberg_ppl"] for r in results["rows"])
     assert all(r["piqa_acc"] is not None for r in results["rows"] if not r["run"].endswith(("-pairwise", "-first")))
     assert (out / "plots" / "pareto.png").stat().st_size > 0
+    inits = results["init_comparison"]["MLKV-2"]
+    assert set(inits["inits"]) == {"mean", "pairwise", "first"} and inits["best"] in inits["inits"]
+    assert "## Conversion inits" in text
     capsys.readouterr()
     reproduce(small(out, tasks=["lambada_openai", "piqa"]))  # every stage is done: nothing is retrained
     log = capsys.readouterr().out
@@ -73,8 +79,8 @@ def test_plan_names_and_settings_guard(tmp_path):
 
     from mlkv.reproduce import add_reproduce_arguments, check_settings, plan_of, settings_from_args
 
-    assert [plan_of(r) for r in ("base", "MHA-144-lm", "MLKV-6-distill", "MLKV-2-lm-pairwise")] == \
-        ["MHA-144", "MHA-144", "MLKV-6", "MLKV-2"]
+    assert [plan_of(r) for r in ("base", "MHA-144-lm", "MLKV-6-distill", "MLKV-2-lm-pairwise", "MLKV-2-lm-first-s1",
+                                 "MLKV-6-lm-s2")] == ["MHA-144", "MHA-144", "MLKV-6", "MLKV-2", "MLKV-2", "MLKV-6"]
     parse = add_reproduce_arguments(argparse.ArgumentParser()).parse_args
     s = settings_from_args(parse(["--out", str(tmp_path), "--plans", "mlkv-6", "mha-144"]))
     assert s.plans == ["MLKV-6", "MHA-144"] and s.distill_plans == ["MLKV-6"] and s.init_plans == ["MLKV-6"]

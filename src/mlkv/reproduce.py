@@ -64,6 +64,8 @@ class Settings:
     ppl_limit: int | None = None
     ppl_max_tokens: int | None = 500_000  # Gutenberg val tokens scored (the file has ~5.4M)
     eval_batch_size: int = 32
+    eval_workers: int | None = None  # models evaluated at once (processes); None: 8 on CUDA, 1 on CPU
+    init_seeds: int = 1  # uptraining data orders per init in the init comparison (seed 0 is the main run)
     bench: bool = True
     compile: bool = False
     device: str | None = None
@@ -74,7 +76,7 @@ class Settings:
         base = dict(out=out, smoke=True, hidden_size=48, intermediate_size=96, seq_len=64, micro_batch_size=4,
                     base_tokens="12K", uptrain_tokens="2K", train_shards=["train_00.jsonl.xz"], max_documents=2,
                     limit=4, ppl_limit=1, ppl_max_tokens=1024, eval_batch_size=8, bench=False, device="cpu",
-                    plans=["MHA-144", "MLKV-6", "MLKV-2"], distill_plans=["MLKV-6", "MLKV-2"])
+                    plans=["MHA-144", "MLKV-6", "MLKV-2"], distill_plans=["MLKV-6", "MLKV-2"], eval_workers=1)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -95,8 +97,8 @@ def resolve_data_dir(data_dir: str | None) -> Path:
     )
 
 
-def run_name(plan: str, objective: str = "lm", init: str = "mean") -> str:
-    return f"{plan}-{objective}" + ("" if init == "mean" else f"-{init}")
+def run_name(plan: str, objective: str = "lm", init: str = "mean", seed: int = 0) -> str:
+    return f"{plan}-{objective}" + ("" if init == "mean" else f"-{init}") + (f"-s{seed}" if seed else "")
 
 
 def _done(folder: Path) -> dict | None:
@@ -162,11 +164,16 @@ def _brief(summary: dict) -> dict:
                                          "tokens_per_s", "mfu", "seconds")}
 
 
+INITS = ("mean", "pairwise", "first")
+
+
 def planned_runs(s: Settings) -> list[dict]:
-    """Every uptraining run: 9 plans with lm, MLKV plans with distill, init comparison with lm."""
+    """Every uptraining run: 9 plans with lm, MLKV plans with distill, the init comparison with lm (each init with
+    ``init_seeds`` data orders; seed 0 of ``mean`` is the plan's main run)."""
     runs = [dict(plan=p, objective="lm", init="mean") for p in s.plans]
     runs += [dict(plan=p, objective="distill", init="mean") for p in s.distill_plans]
-    runs += [dict(plan=p, objective="lm", init=i) for p in s.init_plans for i in ("pairwise", "first")]
+    runs += [dict(plan=p, objective="lm", init=i, seed=k) for k in range(s.init_seeds) for p in s.init_plans
+             for i in INITS if (i, k) != ("mean", 0)]
     return runs
 
 
@@ -200,40 +207,78 @@ def stage_uptrain(s: Settings, data: Path, base: Path, converted: dict, out: Pat
         extra = dict(objective="distill", teacher=str(base)) if r["objective"] == "distill" else {}
         if folder.exists() and not (folder / "checkpoint").exists():
             shutil.rmtree(folder)  # stopped before its first checkpoint: start over
-        summary = train(TrainConfig(model=str(converted[(r["plan"], r["init"])]), out=str(folder),
-                                    **_train_common(s, data), tokens=s.uptrain_tokens,
-                                    resume=(folder / "checkpoint").exists(), **extra))
+        common = _train_common(s, data)
+        common["seed"] += r.get("seed", 0)  # another data order
+        summary = train(TrainConfig(model=str(converted[(r["plan"], r["init"])]), out=str(folder), **common,
+                                    tokens=s.uptrain_tokens, resume=(folder / "checkpoint").exists(), **extra))
         _mark_done(folder, {**r, **_brief(summary)})
     return trained
 
 
-def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> dict[str, dict]:
+def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> None:
+    """Evaluate one model and write ``path`` (perplexities always; zero-shot tasks except for init variants)."""
     from .evaluate import load_model, perplexity_file, run_tasks, save_results
 
-    results = {}
-    for name, folder in models.items():
-        path = out / "eval" / f"{name}.json"
-        if path.is_file():
-            results[name] = json.loads(path.read_text())
-            continue
-        _say(f"eval: {name}")
-        model, tok = load_model(folder, s.device)
-        # The init comparison is judged on perplexity; zero-shot tasks run for the mean-init runs.
-        tasks = [] if name.endswith(("-pairwise", "-first")) else s.tasks
-        res = run_tasks(model, tasks, limit=s.limit, batch_size=s.eval_batch_size, data_dir=data, tokenizer=tok,
-                        bootstrap_iters=0 if s.smoke else 1000) if tasks else {"mlkv": {}}
-        res["mlkv"]["perplexity"] = {
-            "gutenberg_val": perplexity_file(model, tok, data / "corpus" / "gutenberg" / "val.jsonl.xz",
-                                             max_length=s.seq_len, stride=s.seq_len // 2, batch_size=8,
-                                             limit=s.ppl_limit, max_tokens=s.ppl_max_tokens, document_level=False),
-            "wikitext2": perplexity_file(model, tok, data / "eval" / "wikitext2" / "wiki.test.raw",
-                                         max_length=s.seq_len, batch_size=8, limit=s.ppl_limit,
-                                         max_tokens=s.ppl_max_tokens if s.smoke else None),
-        }
-        save_results(res, path)
-        results[name] = json.loads(path.read_text())
-        del model
-    return results
+    model, tok = load_model(folder, s.device)
+    # The init comparison is judged on perplexity; zero-shot tasks run for the mean-init runs.
+    tasks = [] if re.search(r"-(pairwise|first)(-s\d+)?$|-s\d+$", name) else s.tasks
+    res = run_tasks(model, tasks, limit=s.limit, batch_size=s.eval_batch_size, data_dir=data, tokenizer=tok,
+                    bootstrap_iters=0 if s.smoke else 100) if tasks else {"mlkv": {}}
+    res["mlkv"]["perplexity"] = {
+        "gutenberg_val": perplexity_file(model, tok, data / "corpus" / "gutenberg" / "val.jsonl.xz",
+                                         max_length=s.seq_len, stride=s.seq_len // 2, batch_size=8,
+                                         limit=s.ppl_limit, max_tokens=s.ppl_max_tokens, document_level=False),
+        "wikitext2": perplexity_file(model, tok, data / "eval" / "wikitext2" / "wiki.test.raw",
+                                     max_length=s.seq_len, batch_size=8, limit=s.ppl_limit,
+                                     max_tokens=s.ppl_max_tokens if s.smoke else None),
+    }
+    save_results(res, path)
+
+
+def _eval_worker(s: Settings, data: Path, name: str, folder: Path, path: Path) -> str:
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 2) // eval_workers(s)))
+    eval_one(s, data, name, folder, path)
+    return name
+
+
+def eval_workers(s: Settings) -> int:
+    if s.eval_workers is not None:
+        return max(1, s.eval_workers)
+    import torch
+
+    cuda = torch.cuda.is_available() and (s.device is None or s.device.startswith("cuda"))
+    return min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1
+
+
+def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> dict[str, dict]:
+    """Every model's evaluation; with several workers, that many models at once in separate processes (the
+    harness's per-request work is host-bound, so one GPU serves several evaluations)."""
+    paths = {name: out / "eval" / f"{name}.json" for name in models}
+    todo = [name for name, path in paths.items() if not path.is_file()]
+    workers = min(eval_workers(s), max(1, len(todo)))
+    if todo:
+        _say(f"eval: {len(todo)} models, {workers} at a time")
+    if workers == 1:
+        for name in todo:
+            _say(f"eval: {name}")
+            eval_one(s, data, name, models[name], paths[name])
+    elif todo:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            jobs = {pool.submit(_eval_worker, s, data, name, models[name], paths[name]): name for name in todo}
+            try:
+                for i, job in enumerate(as_completed(jobs), 1):
+                    job.result()  # re-raises a worker's error; the finished models' results stay on disk
+                    _say(f"eval: {jobs[job]} done ({i}/{len(jobs)})")
+            except BaseException:
+                for job in jobs:
+                    job.cancel()
+                raise
+    return {name: json.loads(path.read_text()) for name, path in paths.items()}
 
 
 def stage_bench(s: Settings, out: Path) -> dict | None:
@@ -249,7 +294,7 @@ def stage_bench(s: Settings, out: Path) -> dict | None:
 
     _say("bench: memory and throughput per config (the base's shape; the engine only, see mlkv bench for HF)")
     result = run_bench(str(out / "base"), plans=list(s.plans), out_dir=str(out / "bench"), hf=False,
-                       compile=False, deadline_s=150, progress=False)
+                       compile=False, quick=True, batches=[1, 64], step_batches=[64], deadline_s=400, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     return result
@@ -281,7 +326,7 @@ def plan_of(run: str) -> str:
     """``MLKV-6-distill`` -> ``MLKV-6``; ``MLKV-2-lm-pairwise`` -> ``MLKV-2``; ``base`` -> ``MHA-144``."""
     if run == "base":
         return "MHA-144"
-    return re.sub(r"-(lm|distill)(-(pairwise|first))?$", "", run)
+    return re.sub(r"-(lm|distill)(-(pairwise|first))?(-s\d+)?$", "", run)
 
 
 def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dict[str, Path],
@@ -310,10 +355,11 @@ def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dic
     kd, lm = (by_run.get(k, {}).get("gutenberg_ppl") for k in ("MLKV-6-distill", "MLKV-6-lm"))
     for ref_name in ("base", "MHA-144-lm"):
         ref = by_run.get(ref_name, {}).get("gutenberg_ppl")
-        if None not in (ref, lm, kd) and lm != ref:
+        if None not in (ref, lm, kd):  # a gap exists only when LM-uptrained MLKV-6 is worse than the reference
             gap[ref_name] = {"reference_ppl": ref, "lm_ppl": lm, "distill_ppl": kd,
-                             "fraction_closed": (lm - kd) / (lm - ref)}
+                             "fraction_closed": (lm - kd) / (lm - ref) if lm > ref else None}
     gap = gap or None
+    inits = init_comparison(s, by_run)
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
@@ -350,7 +396,8 @@ def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dic
     fig.savefig(plots / "uptrain_loss.png", dpi=120)
     plt.close(fig)
 
-    results = {"settings": asdict(s), "rows": rows, "distillation_gap": gap, "bench": bench,
+    results = {"settings": asdict(s), "rows": rows, "distillation_gap": gap, "init_comparison": inits,
+               "bench": bench,
                "seconds": time.time() - started, "command": command,
                "git_commit": _git_commit(),
                "card": _card()}
@@ -360,6 +407,21 @@ def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dic
     report = render_report(results)
     (out / "report.md").write_text(report)
     return out / "report.md"
+
+
+def init_comparison(s: Settings, by_run: dict) -> dict | None:
+    """Gutenberg perplexity per conversion init and data order, their mean, and the best init per plan."""
+    table = {}
+    for plan in s.init_plans:
+        per_init = {}
+        for init in INITS:
+            ppl = [by_run.get(run_name(plan, "lm", init, k), {}).get("gutenberg_ppl") for k in range(s.init_seeds)]
+            ppl = [p for p in ppl if p is not None]
+            if ppl:
+                per_init[init] = {"ppl": ppl, "mean": sum(ppl) / len(ppl)}
+        if per_init:
+            table[plan] = {"inits": per_init, "best": min(per_init, key=lambda i: per_init[i]["mean"])}
+    return table or None
 
 
 def _fmt(v, pct=False, digits=2):
@@ -388,15 +450,41 @@ def render_report(results: dict) -> str:
     gap = results["distillation_gap"]
     lines += ["", "## Distillation", ""]
     for ref_name, g in (gap or {}).items():
-        lines.append(f"- Against {ref_name} (Gutenberg val ppl {g['reference_ppl']:.2f}): LM-uptrained MLKV-6 has "
-                     f"{g['lm_ppl']:.2f}, distilled MLKV-6 {g['distill_ppl']:.2f}; distillation closes "
-                     f"{100 * g['fraction_closed']:.1f}% of the gap (negative: it widens it).")
+        head = (f"- Against {ref_name} (Gutenberg val ppl {g['reference_ppl']:.2f}): LM-uptrained MLKV-6 has "
+                f"{g['lm_ppl']:.2f}, distilled MLKV-6 {g['distill_ppl']:.2f}; ")
+        if g["fraction_closed"] is None:
+            lines.append(head + "no gap to close (LM-uptrained MLKV-6 is not worse than the reference).")
+        else:
+            verb = "closes" if g["fraction_closed"] >= 0 else "widens it: a negative fraction,"
+            lines.append(head + f"distillation {verb} {100 * g['fraction_closed']:.1f}% of the gap.")
     if not gap:
         lines.append("Not measured (MLKV-6 lm and distill runs are both needed).")
+    if results.get("init_comparison"):
+        lines += ["", "## Conversion inits (Gutenberg val ppl after equal LM uptraining; one value per data order)",
+                  "", "| plan | mean | pairwise | first | best |", "| --- | --- | --- | --- | --- |"]
+        for plan, t in results["init_comparison"].items():
+            cells = [", ".join(f"{p:.2f}" for p in t["inits"][i]["ppl"]) + f" (mean {t['inits'][i]['mean']:.2f})"
+                     if i in t["inits"] else "-" for i in INITS]
+            lines.append(f"| {plan} | " + " | ".join(cells) + f" | {t['best']} |")
     lines += ["", "## Plots", "", "![Pareto](plots/pareto.png)", "", "![Uptraining loss](plots/uptrain_loss.png)"]
-    if results.get("bench"):
-        lines += ["", "## Inference (engine)", "", "```", json.dumps(results["bench"].get("summary", {}), indent=1),
-                  "```"]
+    bench = results.get("bench")
+    if bench:
+        meta = bench.get("meta", {})
+        lines += ["", f"## Inference (mlkv engine, {meta.get('device_name', '?')}, {meta.get('dtype', '?')}, "
+                      "the base's shape with random weights)", "",
+                  "| config | KV B/token | decode ms/step b1 | b64 | max batch @ ctx "
+                  f"{meta.get('settings', {}).get('context', '?')} | decode tokens/s at max batch |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for plan, r in bench.get("summary", {}).items():
+            lines.append(f"| {plan} | {r.get('kv_bytes_per_token', '-'):,} | {_fmt(r.get('gen_b1_step_ms'), digits=3)} | "
+                         f"{_fmt(r.get('gen_b64_step_ms'), digits=3)} | {_fmt(r.get('max_batch'))} | "
+                         f"{_fmt(r.get('max_batch_decode_tok_s'), digits=0)} |")
+        if meta.get("errors"):
+            lines += ["", "Benchmark errors: " + "; ".join(meta["errors"])]
+        if bench.get("plans"):
+            skipped = [f"{r['plan']}: {', '.join(r['skipped'])}" for r in bench["plans"] if r.get("skipped")]
+            if skipped:
+                lines += ["", "Skipped: " + "; ".join(skipped)]
     return "\n".join(lines) + "\n"
 
 
@@ -486,6 +574,10 @@ def add_reproduce_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--plans", nargs="*", default=None, help="subset of the paper's configs")
     p.add_argument("--no-bench", action="store_true", help="skip the inference benchmark")
     p.add_argument("--eval-batch-size", type=int, default=None)
+    p.add_argument("--eval-workers", type=int, default=None,
+                   help="models evaluated at once, each in its own process (default 8 on CUDA, 1 on CPU)")
+    p.add_argument("--init-seeds", type=int, default=None,
+                   help="data orders per conversion init in the init comparison (default 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--device", default=None)
     return p
@@ -496,7 +588,8 @@ def settings_from_args(args) -> Settings:
                      micro_batch_size=args.micro_batch_size, base_tokens=args.base_tokens,
                      uptrain_tokens=args.uptrain_tokens, train_shards=args.train_shards, tasks=args.tasks,
                      limit=args.limit, ppl_limit=args.ppl_limit, plans=args.plans, device=args.device,
-                     eval_batch_size=args.eval_batch_size)
+                     eval_batch_size=args.eval_batch_size, eval_workers=args.eval_workers,
+                     init_seeds=args.init_seeds)
     if args.no_bench:
         overrides["bench"] = False
     if args.compile:
