@@ -118,7 +118,7 @@ def test_checkpoint_round_trip_is_exact_and_copies_tokenizer(tmp_path):
     hf = perturb(hf_llama())
     src = saved(hf, tmp_path / "src")
     (src / "tokenizer.json").write_text("{}")
-    dst = convert_checkpoint(src, tmp_path / "dst", plan="2x1", init="pairwise")
+    dst = convert_checkpoint(src, tmp_path / "dst", plan="2x1")  # the default init is pairwise (measured best)
     assert (dst / "tokenizer.json").is_file() and (dst / "model.safetensors").is_file()
     meta = json.loads((dst / "mlkv_conversion.json").read_text())
     assert meta["structure"] == "2x1" and meta["init"] == "pairwise"

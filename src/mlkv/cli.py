@@ -73,11 +73,14 @@ def cmd_convert(args) -> int:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
+    from .convert import DEFAULT_INIT, INITS
+
     p.add_argument("src", help="Hugging Face checkpoint directory (config.json + safetensors or .bin)")
     p.add_argument("dst", help="output directory (written to a temporary directory, then renamed)")
     p.add_argument("--plan", required=True, help="sharing plan: e.g. mlkv-6, 6x1, 4x12, mqa, gqa-48, cla-2, 0,0,2,2")
-    p.add_argument("--init", default="mean", choices=["mean", "pairwise", "first"],
-                   help="how a producer's K/V combine the layers it serves (default mean)")
+    p.add_argument("--init", default=DEFAULT_INIT, choices=INITS,
+                   help=f"how a producer's K/V combine the layers it serves (default {DEFAULT_INIT}, the best "
+                        "measured: see docs/results)")
     p.add_argument("--keep-params", action="store_true", help="widen MLPs to keep the parameter count")
     p.add_argument("--seed", type=int, default=0, help="seed for the new MLP neurons of --keep-params")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
