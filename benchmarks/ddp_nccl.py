@@ -30,6 +30,7 @@ import torch
 SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
+from report import finish  # noqa: E402
 from mlkv.config import preset_config  # noqa: E402
 from mlkv.data import PackedDataset  # noqa: E402
 from mlkv.train import TrainConfig, TrainHooks, train  # noqa: E402
@@ -150,10 +151,7 @@ def main(argv=None) -> dict:
         for layout, r in report["speed"].items():
             print(f"{layout:<20} {r['world']:>5} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} "
                   f"{r.get('scaling_efficiency', 1.0):>8.1%} {r['max_memory_gib']:>6.1f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report))
-    return report
+    return finish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Prints a table and ends with one JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from report import finish  # noqa: E402
 from mlkv.bench import measure_bandwidth  # noqa: E402
 from mlkv.engine import engine_attention  # noqa: E402
 
@@ -109,10 +110,7 @@ def main(argv=None) -> dict:
         print(f"{r['kv_heads']:>4} {r['batch']:>6} {r['kernel']:<14} {r['us']:>9.1f} {r['fraction_of_copy_bw']:>11.1%}")
     report = {"benchmark": "decode_attention", "device": torch.cuda.get_device_name(dev), "torch": torch.__version__,
               "copy_bytes_per_s": bw, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report))
-    return report
+    return finish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
 import sys
 import tempfile
 import time
@@ -32,7 +31,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from report import finish  # noqa: E402
 from mlkv.config import PRESETS  # noqa: E402
 from mlkv.data import PackedDataset  # noqa: E402
 from mlkv.train import TrainConfig, TrainHooks, model_flops_per_token, train  # noqa: E402
@@ -249,10 +250,7 @@ def main(argv=None) -> dict:
               f"{str(r['compile']):>8}")
     if "speedup_vs_hf" in report:
         print(f"speedup vs HF Trainer: {report['speedup_vs_hf']:.2f}x")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1) + "\n")
-    print(json.dumps(report))
-    return report
+    return finish(report, args.out)
 
 
 if __name__ == "__main__":

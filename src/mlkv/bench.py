@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import gc
 import json
 import platform
@@ -178,7 +179,7 @@ def time_full_step(model, batch: int, context: int, device, iters: int = 5) -> d
         for _ in range(iters):
             engine.col.fill_(context - 1)  # the same last column every time: the cache never grows
             engine.step.zero_()
-            times.append(_wall(lambda: engine._run_step(context, key, False), device)[0])
+            times.append(_wall(functools.partial(engine._run_step, context, key, False), device)[0])
     finally:
         engine.release()
         del engine
