@@ -3,9 +3,11 @@
 1. Gradients. One optimizer step in fp32 (TF32 off) of the Pythia-160M shape with a plan of L/2 producer layers x 1 KV head
    (MLKV-6 on 12 layers, so shared K/V gradients cross the consumers), seq 512: N ranks x 2 sequences against one process with the same 2N sequences on
    one GPU. Reports the largest absolute and relative gradient difference over all parameters, and the loss of each.
-2. Throughput. Pythia-160M shape (MHA), seq 2048, micro-batch 16 per GPU, bf16 autocast, compiled, random tokens:
-   one GPU against N GPUs with DDP and with FSDP2, launched with ``torchrun`` exactly as users do. Reports tokens/s
-   and the scaling efficiency (tokens/s of N GPUs over N x one GPU's).
+2. Throughput. Pythia-160M shape (MHA), seq 2048, bf16 autocast, compiled, random tokens, the same global batch of
+   16 x N sequences per step everywhere: N GPUs with DDP and with FSDP2 (micro-batch 16 per GPU, launched with
+   ``torchrun`` exactly as users do) against one GPU taking all 16 x N sequences as one micro-batch (so more than
+   2 GPUs need a card that holds micro-batch 16 x N). Reports tokens/s and the scaling efficiency (tokens/s of N
+   GPUs over N x one GPU's).
 
     python benchmarks/ddp_nccl.py --out benchmarks/results/ddp_nccl_h200x2/ddp_nccl.json  # a host with >= 2 GPUs
     python benchmarks/ddp_nccl.py --device cpu --preset tiny-neox --out /tmp/d.json  # code path only (gloo)

@@ -283,3 +283,14 @@ def test_cuda_max_batch_under_a_budget():
     per_row = MLKVEngine.buffer_bytes(model.config, 1, context, torch.float32)
     assert got * per_row <= spare  # the cache alone must fit
     assert got >= 0.5 * spare / (per_row + step_activation_bytes(model.config, 1, torch.float32))
+
+
+def test_engine_built_under_inference_mode_generates_outside_it():
+    """The stored fused weights are ordinary tensors: refreshing them in a later generate() works."""
+    model = paper_model("MLKV-6")
+    with torch.inference_mode():
+        engine = MLKVEngine(model, bucket=8)
+    assert_matches_hf(model, engine, [4, 7])
+    model.to(torch.float64)
+    with pytest.raises(RuntimeError, match="changed dtype/device since this engine was built"):
+        engine.generate([[1, 2, 3]], 2)

@@ -645,7 +645,8 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
                     _put(r, "max_context", guarded(f"{label} max context search", lambda: find_max_context(
                         model, context_batch, try_fit, budget_bytes)))
                     bar.update(1)
-                    if "max_batch" in r and fit_method.startswith("cuda"):  # only a batch that really fits
+                    if r.get("max_batch", {}).get("max_batch", 0) > 0 and fit_method.startswith("cuda"):
+                        # a batch that really fits on this card
                         bar.set_description(f"{label}: decode at max batch")
                         _put(r, "max_batch_decode", guarded(f"{label} decode at max batch", lambda: time_full_step(
                             model, r["max_batch"]["max_batch"], context, device)))

@@ -6,8 +6,8 @@ Steps (the uptraining initialisation of the MLKV paper):
    ``query_key_value`` is laid out per head as [heads, 3, head_dim, hidden] and is split into q/k/v.
 2. In-layer pooling: each group of K/V heads that becomes one head is replaced by the group's mean.
 3. Cross-layer folding: each producer's K/V becomes a combination of the layers it serves (``init``):
-   ``mean`` (uniform mean, default), ``pairwise`` (the reference code's running average in layer order: for layers
-   p, p+1, p+2 it gives W_p/4 + W_{p+1}/4 + W_{p+2}/2), or ``first`` (the producer's own pooled K/V).
+   ``pairwise`` (default: the reference code's running average in layer order: for layers p, p+1, p+2 it gives
+   W_p/4 + W_{p+1}/4 + W_{p+2}/2), ``mean`` (uniform mean) or ``first`` (the producer's own pooled K/V).
 4. Optionally (``keep_params``) widen every MLP to give back the removed K/V parameters, as the paper did. The new
    neurons get random input weights and *zero* output weights, so the converted model computes exactly the same
    function before training (the paper copied neurons, which changed the output).
@@ -32,7 +32,7 @@ from .sharing import SharingPlan, resolve_plan
 INITS = ("mean", "pairwise", "first")
 #: The default conversion init. Measured (docs/results/reproduce-h200-run2): after equal LM uptraining, pairwise was
 #: best for MLKV-2 (Gutenberg val ppl 122.4 vs mean 126.1, first 128.9; two data orders each) and level with mean for
-#: MLKV-6 (117.8 vs 117.7; first 113.7), so it is never worse than mean; first wins MLKV-6 but loses MLKV-2.
+#: MLKV-6 within the data-order spread (117.8 vs 117.7; first 113.7); first wins MLKV-6 but is worst for MLKV-2.
 DEFAULT_INIT = "pairwise"
 SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
                            "MLKVForCausalLM")

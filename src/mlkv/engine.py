@@ -252,8 +252,8 @@ class MLKVEngine:
             dynamo.config.cache_size_limit = max(dynamo.config.cache_size_limit, 64)
             self._step_fn = torch.compile(self._decode_step, mode=mode, dynamic=False)
         self._fused: dict[int, tuple] = {}
-        if fuse_qkv:
-            with torch.no_grad():
+        if fuse_qkv:  # ordinary tensors even when built under inference_mode: refresh_weights updates them in place
+            with torch.inference_mode(False), torch.no_grad():
                 self._fused = {layer.self_attn.layer_idx: layer.self_attn.fused_qkv() for layer in model.model.layers
                                if layer.self_attn.is_producer}
         self.cache: ProducerKVCache | None = None
@@ -278,8 +278,12 @@ class MLKVEngine:
             fused = self._fused.get(layer.self_attn.layer_idx)
             if fused is not None:
                 for dst, src in zip(fused, layer.self_attn.fused_qkv()):
-                    if dst is not None:
-                        dst.copy_(src)
+                    if dst is None:
+                        continue
+                    if (dst.dtype, dst.device, dst.shape) != (src.dtype, src.device, src.shape):
+                        raise RuntimeError(f"the model changed dtype/device since this engine was built ({dst.dtype} "
+                                           f"on {dst.device} -> {src.dtype} on {src.device}): build a new MLKVEngine")
+                    dst.copy_(src)
 
     # ---- buffers ----------------------------------------------------------------------------------------------------
     @staticmethod

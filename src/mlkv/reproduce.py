@@ -64,7 +64,7 @@ class Settings:
     ppl_limit: int | None = None
     ppl_max_tokens: int | None = 500_000  # Gutenberg val tokens scored (the file has ~5.4M)
     eval_batch_size: int = 32
-    eval_workers: int | None = None  # models evaluated at once (processes); None: 8 on CUDA, 1 on CPU
+    eval_workers: int | None = None  # models evaluated at once (processes); None: min(8, cores/2) on CUDA, 1 on CPU
     init_seeds: int = 1  # uptraining data orders per init in the init comparison (seed 0 is the main run)
     bench: bool = True
     compile: bool = False
@@ -216,11 +216,13 @@ def stage_uptrain(s: Settings, data: Path, base: Path, converted: dict, out: Pat
 
 
 def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> None:
-    """Evaluate one model and write ``path`` (perplexities always; zero-shot tasks except for init variants)."""
+    """Evaluate one model and write ``path`` (perplexities always; zero-shot tasks except for the init comparison's
+    extra runs). Standard errors of non-mean metrics (LAMBADA perplexity) use 100 bootstrap resamples."""
     from .evaluate import load_model, perplexity_file, run_tasks, save_results
 
     model, tok = load_model(folder, s.device)
-    # The init comparison is judged on perplexity; zero-shot tasks run for the mean-init runs.
+    # The init comparison is judged on perplexity: its extra runs (other inits, other data orders) get no zero-shot
+    # tasks; the main runs (mean init, data order 0) do.
     tasks = [] if re.search(r"-(pairwise|first)(-s\d+)?$|-s\d+$", name) else s.tasks
     res = run_tasks(model, tasks, limit=s.limit, batch_size=s.eval_batch_size, data_dir=data, tokenizer=tok,
                     bootstrap_iters=0 if s.smoke else 100) if tasks else {"mlkv": {}}
@@ -235,17 +237,33 @@ def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> No
     save_results(res, path)
 
 
-def _eval_worker(s: Settings, data: Path, name: str, folder: Path, path: Path) -> str:
+def _eval_worker(s: Settings, data: Path, name: str, folder: Path, path: Path, workers: int,
+                 memory_fraction: float | None) -> str:
     import torch
 
-    workers = eval_workers(s)
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // workers))
-    if torch.cuda.is_available() and (s.device is None or s.device.startswith("cuda")):
-        # An equal share of the card: without it each process's caching allocator keeps what it once used, and
-        # 8 evaluations ran the H200 out of memory together (about 23 GiB cached each) although each needs far less.
-        torch.cuda.set_per_process_memory_fraction(0.95 / workers)
+    if memory_fraction is not None:
+        # A share of the card: without it each process's caching allocator keeps what it once used, and 8
+        # evaluations ran an H200 out of memory together (16-25 GiB cached each) although each needs far less.
+        device = torch.device(s.device or "cuda")
+        torch.cuda.set_per_process_memory_fraction(memory_fraction, device)
     eval_one(s, data, name, folder, path)
     return name
+
+
+def _memory_share(s: Settings, workers: int) -> float | None:
+    """Each evaluation process's fraction of the card: 90% of what is free now (less a CUDA context each), split."""
+    import gc
+
+    import torch
+
+    if not (torch.cuda.is_available() and (s.device is None or s.device.startswith("cuda"))):
+        return None
+    gc.collect()
+    torch.cuda.empty_cache()  # what the training stages left cached in this process
+    device = torch.device(s.device or "cuda")
+    free, total = torch.cuda.mem_get_info(device)
+    return max(0.01, (0.9 * free - workers * 2**30) / workers / total)
 
 
 def eval_workers(s: Settings) -> int:
@@ -273,8 +291,10 @@ def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> d
         import multiprocessing
         from concurrent.futures import ProcessPoolExecutor, as_completed
 
+        share = _memory_share(s, workers)
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            jobs = {pool.submit(_eval_worker, s, data, name, models[name], paths[name]): name for name in todo}
+            jobs = {pool.submit(_eval_worker, s, data, name, models[name], paths[name], workers, share): name
+                    for name in todo}
             try:
                 for i, job in enumerate(as_completed(jobs), 1):
                     job.result()  # re-raises a worker's error; the finished models' results stay on disk
@@ -580,7 +600,8 @@ def add_reproduce_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--no-bench", action="store_true", help="skip the inference benchmark")
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--eval-workers", type=int, default=None,
-                   help="models evaluated at once, each in its own process (default 8 on CUDA, 1 on CPU)")
+                   help="models evaluated at once, each in its own process (default min(8, cores/2) on CUDA, 1 "
+                        "on CPU)")
     p.add_argument("--init-seeds", type=int, default=None,
                    help="data orders per conversion init in the init comparison (default 1)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")

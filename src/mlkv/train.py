@@ -449,8 +449,8 @@ def _setup(cfg: TrainConfig) -> tuple[_Dist, torch.device]:
     use_cuda = torch.cuda.is_available() and (cfg.device is None or cfg.device.startswith("cuda"))
     if world > 1 or dist.is_initialized():
         if not dist.is_initialized():
-            local = int(os.environ.get("LOCAL_RANK", "0"))  # pin the rank's GPU: no NCCL guess, no hang
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+            local = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))  # the GPU set_device picks below
+            dist.init_process_group(backend="nccl" if use_cuda else "gloo",  # pinned: no NCCL guess, no hang
                                     device_id=torch.device("cuda", local) if use_cuda else None)
             ctx.created_group = True
         ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
@@ -1075,7 +1075,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "distill, 0 for lm)")
     g = parser.add_argument_group("execution")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: bf16 autocast on CUDA (TF32 matmuls elsewhere), fp32 on CPU; fp32 turns TF32 off")
+                   help="auto: bf16 autocast on CUDA (fp32 matmuls outside autocast use TF32), fp32 on CPU; fp32 turns TF32 "
+                        "off")
     g.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default=d.sdpa_backend,
                    help="attention kernel preferred on CUDA (auto: PyTorch's order)")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer and the loss")
