@@ -91,3 +91,33 @@ def test_plan_names_and_settings_guard(tmp_path):
     check_settings(Settings(out=str(tmp_path)), tmp_path)
     with pytest.raises(ValueError, match=r"made with other settings: hidden_size \(384 -> 512\)"):
         check_settings(Settings(out=str(tmp_path), hidden_size=512), tmp_path)
+
+
+def test_eval_retries_a_failed_worker_alone(tmp_path, monkeypatch, capsys):
+    """A model whose evaluation fails in a worker (e.g. out of memory beside the others) is evaluated again alone;
+    the others keep their results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlkv.reproduce as rp
+
+    calls = []
+
+    def fake_eval(s, data, name, folder, path):
+        calls.append(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"name": name}))
+
+    def worker(s, data, name, folder, path, workers, share):
+        if name == "b":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 244.00 MiB")
+        fake_eval(s, data, name, folder, path)
+        return name
+
+    monkeypatch.setattr(rp, "eval_one", fake_eval)
+    monkeypatch.setattr(rp, "_eval_worker", worker)
+    monkeypatch.setattr(rp, "_make_pool", lambda n: ThreadPoolExecutor(n))
+    s = Settings(out=str(tmp_path), eval_workers=2, device="cpu")
+    results = rp.stage_eval(s, tmp_path, {n: tmp_path / n for n in "abc"}, tmp_path)
+    assert {k: v["name"] for k, v in results.items()} == {"a": "a", "b": "b", "c": "c"}
+    assert sorted(calls) == ["a", "b", "c"] and calls[-1] == "b"  # b only after the pool, alone
+    assert "b failed in a worker (RuntimeError: CUDA out of memory" in capsys.readouterr().out

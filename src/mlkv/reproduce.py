@@ -275,6 +275,13 @@ def eval_workers(s: Settings) -> int:
     return min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 1
 
 
+def _make_pool(workers: int):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> dict[str, dict]:
     """Every model's evaluation; with several workers, that many models at once in separate processes (the
     harness's per-request work is host-bound, so one GPU serves several evaluations)."""
@@ -288,21 +295,28 @@ def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> d
             _say(f"eval: {name}")
             eval_one(s, data, name, models[name], paths[name])
     elif todo:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures import as_completed
 
         share = _memory_share(s, workers)
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        failed = {}
+        with _make_pool(workers) as pool:
             jobs = {pool.submit(_eval_worker, s, data, name, models[name], paths[name], workers, share): name
                     for name in todo}
             try:
                 for i, job in enumerate(as_completed(jobs), 1):
-                    job.result()  # re-raises a worker's error; the finished models' results stay on disk
-                    _say(f"eval: {jobs[job]} done ({i}/{len(jobs)})")
-            except BaseException:
-                for job in jobs:
-                    job.cancel()
+                    name = jobs[job]
+                    try:
+                        job.result()
+                        _say(f"eval: {name} done ({i}/{len(jobs)})")
+                    except Exception as err:  # noqa: BLE001 - retried alone below, which raises if it fails again
+                        failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+                        _say(f"eval: {name} failed in a worker ({failed[name][:200]}); retried alone at the end")
+            except BaseException:  # Ctrl-C, SIGTERM: stop the queue; finished models' results stay on disk
+                pool.shutdown(wait=False, cancel_futures=True)
                 raise
+        for name in failed:  # one at a time in this process, with the whole card
+            _say(f"eval: {name} (retry)")
+            eval_one(s, data, name, models[name], paths[name])
     return {name: json.loads(path.read_text()) for name, path in paths.items()}
 
 
