@@ -121,13 +121,15 @@ def test_run_bench_simulated_allocator_and_cli(tmp_path, capsys):
     args = parser.parse_args(["tiny-llama", "--plans", "mha", "mqa", "--batch", "2", "--prompt-len", "4",
                               "--new-tokens", "3", "--step-context", "16", "--step-batch", "1,2", "--step-tokens",
                               "3", "--context", "32", "--context-batch", "2", "--no-hf", "--device", "cpu",
-                              "--repeats", "1", "--budget-gb", "0.01", "--out", str(tmp_path), "--no-progress"])
+                              "--repeats", "1", "--budget-gb", "0.01", "--out", str(tmp_path), "--no-progress",
+                              "--bucket", "4"])
     assert run_bench_command(args) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["errors"] == []
     assert last["bench"]["MQA"]["max_batch"] > last["bench"]["MHA"]["max_batch"] > 0
     data = json.loads((tmp_path / "inference.json").read_text())
     assert data["meta"]["fit_method"].startswith("simulated")
+    assert data["meta"]["settings"]["bucket"] == 4
 
 
 @pytest.mark.parametrize("kw,match", [
@@ -140,6 +142,7 @@ def test_run_bench_simulated_allocator_and_cli(tmp_path, capsys):
     (dict(step_batches=["x"]), r"step batch sizes \('x'\) must be positive"),
     (dict(plans=["mlkv-99"]), r"ambiguous or impossible"),
     (dict(dtype="int8"), r"dtype \('int8'\) must be one of"),
+    (dict(bucket=0), r"bucket \(0\) must be a positive number of cache columns"),
 ])
 def test_argument_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -447,7 +447,7 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
               compile_max_batch: int = 1, repeats: int | None = None, hf_repeats: int = 1,
               search: bool = True, quick: bool = False, out_dir=None, progress: bool = True,
               try_fit: TryFit | None = None, seed: int = 0, deadline_s: float | None = None,
-              print_table: bool = True, strict: bool = False) -> dict:
+              print_table: bool = True, strict: bool = False, bucket: int | None | str = "auto") -> dict:
     """Benchmark each sharing plan (see the module docstring); returns the results (also written to ``out_dir``).
 
     ``budget_gb``: memory budget for the max-batch / max-context searches (default: the card's memory; on CPU a
@@ -458,7 +458,7 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
     ``torch.compile`` ("engine_compiled") on the generate runs with batch <= ``compile_max_batch``, for
     ``compile_plans`` (default all; one compilation per plan). ``deadline_s``: skip transformers runs, searches and
     compiled runs once this many seconds have passed. ``strict``: raise on a failed measurement instead of recording
-    it in ``meta["errors"]`` and going on.
+    it in ``meta["errors"]`` and going on. ``bucket``: the engine's attention-length granularity (``MLKVEngine``).
     """
     t_start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -521,7 +521,9 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
     if try_fit is None:
         try_fit = cuda_try_fit(fit_errors) if cuda else simulated_try_fit(budget_bytes)
 
-    engine_kwargs: dict = {}
+    if bucket not in ("auto", None) and (not isinstance(bucket, int) or bucket < 1):
+        raise ValueError(f"bucket ({bucket!r}) must be a positive number of cache columns, None or 'auto'")
+    engine_kwargs: dict = {"bucket": bucket}
     wanted = {p.lower() for p in compile_plans} if compile_plans else None
     meta = {"source": source, "device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda
             else platform.processor() or "cpu", "dtype": str(dtype).replace("torch.", ""),
@@ -537,7 +539,7 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
             "settings": dict(batches=batches, prompt_len=prompt_len, new_tokens=new_tokens, step_context=step_context,
                              step_batches=step_batches, step_tokens=step_tokens, context=context,
                              context_batch=context_batch, repeats=repeats, hf_repeats=hf_repeats, hf=hf,
-                             hf_compile=hf_compile, hf_max_batch=hf_max_batch, compile=bool(compile),
+                             hf_compile=hf_compile, hf_max_batch=hf_max_batch, compile=bool(compile), bucket=bucket,
                              compile_plans=list(compile_plans or []), compile_max_batch=compile_max_batch,
                              quick=quick)}
     from transformers.utils import logging as hf_logging
@@ -676,7 +678,7 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
                         continue
                     prompts = _prompts(b, prompt_len, config.vocab_size, seed + b)
                     c = guarded(f"{r['plan']} compiled engine b={b}", lambda: _engine_run(
-                        model, prompts, new_tokens, repeats, device, {"compile": True}))
+                        model, prompts, new_tokens, repeats, device, {"compile": True, "bucket": bucket}))
                     if c is None:
                         continue
                     row["engine_compiled"] = _strip(c)
@@ -993,12 +995,24 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile-plans", nargs="+", default=None, help="plans for --compile (default: all)")
     parser.add_argument("--compile-max-batch", type=int, default=1)
     parser.add_argument("--no-search", action="store_true", help="skip the max-batch / max-context searches")
+    parser.add_argument("--bucket", default="auto",
+                        help="engine decode steps attend over the used cache columns rounded up to this many "
+                             "(auto: 256, or the whole cache when compiled; none: the whole cache)")
     parser.add_argument("--deadline-s", type=float, default=None,
                         help="skip transformers runs and searches once this many seconds have passed")
     parser.add_argument("--quick", action="store_true", help="fewer tokens, repeats and batch sizes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="directory for inference.json / .csv / plots")
     parser.add_argument("--no-progress", action="store_true")
+
+
+def _bucket_arg(value: str) -> int | None | str:
+    if value in ("auto", "none"):
+        return None if value == "none" else value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--bucket ({value!r}) must be a positive integer, 'none' or 'auto'") from None
 
 
 def run_bench_command(args, model=None) -> int:
@@ -1012,7 +1026,8 @@ def run_bench_command(args, model=None) -> int:
               hf_compile=args.hf_compile, hf_max_batch=args.hf_max_batch, compile=args.compile,
               compile_plans=args.compile_plans, compile_max_batch=args.compile_max_batch,
               repeats=args.repeats, hf_repeats=args.hf_repeats, search=not args.no_search, quick=args.quick,
-              out_dir=args.out, progress=not args.no_progress, seed=args.seed, deadline_s=args.deadline_s)
+              out_dir=args.out, progress=not args.no_progress, seed=args.seed, deadline_s=args.deadline_s,
+              bucket=_bucket_arg(args.bucket))
     return 0
 
 
