@@ -84,6 +84,8 @@ def test_plan_names_and_settings_guard(tmp_path):
     parse = add_reproduce_arguments(argparse.ArgumentParser()).parse_args
     s = settings_from_args(parse(["--out", str(tmp_path), "--plans", "mlkv-6", "mha-144"]))
     assert s.plans == ["MLKV-6", "MHA-144"] and s.distill_plans == ["MLKV-6"] and s.init_plans == ["MLKV-6"]
+    tuned = settings_from_args(parse(["--out", str(tmp_path), "--init-seeds", "2", "--eval-workers", "3"]))
+    assert tuned.init_seeds == 2 and tuned.eval_workers == 3
     smoke = settings_from_args(parse(["--out", str(tmp_path), "--smoke", "--plans", "MHA-144"]))
     assert smoke.distill_plans == [] and smoke.init_plans == []
     with pytest.raises(ValueError, match=r"--plans 6x1: mlkv reproduce runs the paper's configs"):
