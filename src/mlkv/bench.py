@@ -771,7 +771,7 @@ def _round(x, n: int = 4):
 CSV_FIELDS = ["plan", "run", "impl", "batch", "prompt_len", "new_tokens", "context", "step_ms", "decode_tok_s",
               "prefill_tok_s", "e2e_tok_s", "peak_gb", "hbm_bound_ms", "bound_ratio", "bandwidth_fraction",
               "step_speedup_vs_hf_static", "kv_bytes_per_token", "kv_bytes_per_token_allocated", "max_batch",
-              "max_context"]
+              "max_batch_decode_tok_s", "max_context"]
 
 
 def csv_rows(report: dict) -> list[dict]:
@@ -780,6 +780,7 @@ def csv_rows(report: dict) -> list[dict]:
         base = {"plan": r["plan"], "kv_bytes_per_token": r["kv_bytes_per_token"],
                 "kv_bytes_per_token_allocated": r["cache"]["kv_bytes_per_token_allocated"],
                 "max_batch": r.get("max_batch", {}).get("max_batch"),
+                "max_batch_decode_tok_s": r.get("max_batch_decode", {}).get("decode_tok_s"),
                 "max_context": r.get("max_context", {}).get("max_context")}
         for run in ("generate", "step"):
             for row in r[run]:
