@@ -1,8 +1,9 @@
 """Several GPUs on one host: DDP and FSDP2 over NCCL, checked for exact gradients, then timed.
 
-1. Gradients. One optimizer step in fp32 (TF32 off) of the Pythia-160M shape with a plan of L/2 producer layers x 1 KV head
-   (MLKV-6 on 12 layers, so shared K/V gradients cross the consumers), seq 512: N ranks x 2 sequences against one process with the same 2N sequences on
-   one GPU. Reports the largest absolute and relative gradient difference over all parameters, and the loss of each.
+1. Gradients. One optimizer step in fp32 (TF32 off) of the Pythia-160M shape with a plan of L/2 producer layers x 1
+   KV head (MLKV-6 on 12 layers, so shared K/V gradients cross the consumers), seq 512: N ranks x 2 sequences against
+   one process with the same 2N sequences on one GPU. Reports the largest absolute and relative gradient difference
+   over all parameters, and the loss of each.
 2. Throughput. Pythia-160M shape (MHA), seq 2048, bf16 autocast, compiled, random tokens, the same global batch of
    16 x N sequences per step everywhere: N GPUs with DDP and with FSDP2 (micro-batch 16 per GPU, launched with
    ``torchrun`` exactly as users do) against one GPU taking all 16 x N sequences as one micro-batch (so more than
@@ -141,10 +142,12 @@ def main(argv=None) -> dict:
                 report["speed"][layout] = launch("speed", layout, args.gpus, tmp, args.preset, args.device)
             base = report["speed"]["single"]["tokens_per_s"]
             for layout in ("ddp", "fsdp"):
-                report["speed"][layout]["scaling_efficiency"] = report["speed"][layout]["tokens_per_s"] / (args.gpus * base)
+                speed = report["speed"][layout]
+                speed["scaling_efficiency"] = speed["tokens_per_s"] / (args.gpus * base)
 
     print(f"\n{report['device']} x{args.gpus}, {report['backend']}, {args.preset}")
-    print(f"{'gradients vs 1 GPU':<20} {'max |dg|':>10} {'max |g|':>10} {'rel (norm)':>11} {'loss':>10} {'loss 1 GPU':>11}")
+    print(f"{'gradients vs 1 GPU':<20} {'max |dg|':>10} {'max |g|':>10} {'rel (norm)':>11} {'loss':>10} "
+          f"{'loss 1 GPU':>11}")
     for layout, r in report["grad"].items():
         print(f"{layout:<20} {r['max_abs_diff']:>10.2e} {r['max_abs_grad']:>10.2e} {r['max_rel_norm_diff']:>11.2e} "
               f"{r['loss']:>10.6f} {r['loss_single']:>11.6f}")

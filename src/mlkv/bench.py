@@ -937,7 +937,8 @@ def print_report(report: dict) -> None:
     print(f"gen: prompt {s['prompt_len']} + {s['new_tokens']} new tokens, ms per decode step (cmp: torch.compile'd "
           f"engine); ctx: decode steps at context {s['step_context']}; x bound: step time / HBM bound "
           f"(weights + KV in use at the measured copy bandwidth); x hf-st: transformers static-cache step time / "
-          f"engine's (x hf-stc: its compiled path); tok/s@max: decode tokens/s at the max batch, full context; max batch at context {s['context']}, max ctx at batch {s['context_batch']} "
+          f"engine's (x hf-stc: its compiled path); tok/s@max: decode tokens/s at the max batch, full context; "
+          f"max batch at context {s['context']}, max ctx at batch {s['context_batch']} "
           f"({meta['fit_method']}, budget {meta['budget_bytes'] / GB:.3g} GB)")
     for r in plans:
         if r["skipped"]:

@@ -275,15 +275,15 @@ class MLKVEngine:
         """Copy the model's current Q/K/V parameters into the stored fused weights (after training, say).
         ``prepare`` (so every ``generate``) calls it; the copies keep their storage, so captured graphs stay valid."""
         for layer in self.model.model.layers:
-            fused = self._fused.get(layer.self_attn.layer_idx)
-            if fused is not None:
-                for dst, src in zip(fused, layer.self_attn.fused_qkv()):
-                    if dst is None:
-                        continue
-                    if (dst.dtype, dst.device, dst.shape) != (src.dtype, src.device, src.shape):
-                        raise RuntimeError(f"the model changed dtype/device since this engine was built ({dst.dtype} "
-                                           f"on {dst.device} -> {src.dtype} on {src.device}): build a new MLKVEngine")
-                    dst.copy_(src)
+            attn = layer.self_attn
+            fused = self._fused.get(attn.layer_idx)
+            if fused is None:
+                continue
+            dst, src = fused[0], attn.q_proj.weight
+            if (dst.dtype, dst.device) != (src.dtype, src.device):
+                raise RuntimeError(f"the model changed dtype/device since this engine was built ({dst.dtype} "
+                                   f"on {dst.device} -> {src.dtype} on {src.device}): build a new MLKVEngine")
+            attn.fused_qkv(out=fused)
 
     # ---- buffers ----------------------------------------------------------------------------------------------------
     @staticmethod

@@ -176,11 +176,13 @@ class MLKVAttention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.attention_out_bias)
         self.qkv_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see ``project``
 
-    def fused_qkv(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The producer's Q, K and V weights (and biases) concatenated: ``((H + 2 H_kv) D, hidden)``, a copy."""
+    def fused_qkv(self, out: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The producer's Q, K and V weights (and biases) concatenated: ``((H + 2 H_kv) D, hidden)``, a copy (written
+        into ``out``, an earlier result, when given)."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projs])  # ((H + 2 H_kv) D, hidden)
-        bias = torch.cat([p.bias for p in projs]) if self.q_proj.bias is not None else None
+        out_w, out_b = out if out is not None else (None, None)
+        weight = torch.cat([p.weight for p in projs], out=out_w)  # ((H + 2 H_kv) D, hidden)
+        bias = torch.cat([p.bias for p in projs], out=out_b) if self.q_proj.bias is not None else None
         return weight, bias
 
     def project(self, x: torch.Tensor):

@@ -32,6 +32,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .convert import INITS
 from .sharing import PAPER_PRESETS, resolve_plan
 
 MLKV_ONLY = [p for p in PAPER_PRESETS if p.startswith("MLKV")]
@@ -164,9 +165,6 @@ def _brief(summary: dict) -> dict:
                                          "tokens_per_s", "mfu", "seconds")}
 
 
-INITS = ("mean", "pairwise", "first")
-
-
 def planned_runs(s: Settings) -> list[dict]:
     """Every uptraining run: 9 plans with lm, MLKV plans with distill, the init comparison with lm (each init with
     ``init_seeds`` data orders; seed 0 of ``mean`` is the plan's main run)."""
@@ -222,8 +220,9 @@ def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> No
 
     model, tok = load_model(folder, s.device)
     # The init comparison is judged on perplexity: its extra runs (other inits, other data orders) get no zero-shot
-    # tasks; the main runs (mean init, data order 0) do.
-    tasks = [] if re.search(r"-(pairwise|first)(-s\d+)?$|-s\d+$", name) else s.tasks
+    # tasks; the base and the main runs (mean init, data order 0) do.
+    main = {"base"} | {run_name(**r) for r in planned_runs(s) if r["init"] == "mean" and not r.get("seed")}
+    tasks = s.tasks if name in main else []
     res = run_tasks(model, tasks, limit=s.limit, batch_size=s.eval_batch_size, data_dir=data, tokenizer=tok,
                     bootstrap_iters=0 if s.smoke else 100) if tasks else {"mlkv": {}}
     res["mlkv"]["perplexity"] = {
@@ -515,7 +514,8 @@ def render_report(results: dict) -> str:
                   f"{meta.get('settings', {}).get('context', '?')} | decode tokens/s at max batch |",
                   "| --- | --- | --- | --- | --- | --- |"]
         for plan, r in bench.get("summary", {}).items():
-            lines.append(f"| {plan} | {r.get('kv_bytes_per_token', '-'):,} | {_fmt(r.get('gen_b1_step_ms'), digits=3)} | "
+            lines.append(f"| {plan} | {r.get('kv_bytes_per_token', '-'):,} | "
+                         f"{_fmt(r.get('gen_b1_step_ms'), digits=3)} | "
                          f"{_fmt(r.get('gen_b64_step_ms'), digits=3)} | {_fmt(r.get('max_batch'))} | "
                          f"{_fmt(r.get('max_batch_decode_tok_s'), digits=0)} |")
         if meta.get("errors"):

@@ -1075,8 +1075,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         "distill, 0 for lm)")
     g = parser.add_argument_group("execution")
     g.add_argument("--precision", choices=PRECISIONS, default=d.precision,
-                   help="auto: bf16 autocast on CUDA (fp32 matmuls outside autocast use TF32), fp32 on CPU; fp32 turns TF32 "
-                        "off")
+                   help="auto: bf16 autocast on CUDA (fp32 matmuls outside autocast use TF32), fp32 on CPU; "
+                        "fp32 turns TF32 off")
     g.add_argument("--sdpa-backend", choices=SDPA_BACKENDS, default=d.sdpa_backend,
                    help="attention kernel preferred on CUDA (auto: PyTorch's order)")
     g.add_argument("--compile", action="store_true", help="torch.compile each decoder layer and the loss")
