@@ -244,8 +244,8 @@ def _eval_worker(s: Settings, data: Path, name: str, folder: Path, path: Path, w
     if memory_fraction is not None:
         # A share of the card: without it each process's caching allocator keeps what it once used, and 8
         # evaluations ran an H200 out of memory together (16-25 GiB cached each) although each needs far less.
-        device = torch.device(s.device or "cuda")
-        torch.cuda.set_per_process_memory_fraction(memory_fraction, device)
+        device = torch.device(s.device or "cuda")  # the call wants an index: "cuda" alone is refused
+        torch.cuda.set_per_process_memory_fraction(memory_fraction, device.index or 0)
     eval_one(s, data, name, folder, path)
     return name
 
