@@ -474,7 +474,7 @@ def run_tasks(model, tasks: str | Sequence[str] = DEFAULT_TASKS, limit: int | No
     perplexity; the harness's CLI default is 100000). Data files are checked before anything is loaded.
     """
     lm_eval = _require_lm_eval()
-    from lm_eval.models.huggingface import HFLM
+    from .harness import BatchedHFLM
 
     manager = task_manager(data_source, data_dir)
     names = check_tasks(tasks, data_source, manager)
@@ -494,7 +494,8 @@ def run_tasks(model, tasks: str | Sequence[str] = DEFAULT_TASKS, limit: int | No
             if not (tokenizer or source):
                 raise EvalUsageError("run_tasks needs a tokenizer for a model object without name_or_path")
             tokenizer = AutoTokenizer.from_pretrained(tokenizer or source)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size, max_length=max_length)
+    lm = BatchedHFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+                     max_length=max_length)
     output = lm_eval.simple_evaluate(
         model=lm, tasks=names, limit=limit, task_manager=manager,
         bootstrap_iters=bootstrap_iters, log_samples=log_samples,

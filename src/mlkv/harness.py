@@ -1,0 +1,89 @@
+"""lm-evaluation-harness's ``HFLM`` with a batched read-back of log-likelihoods.
+
+``HFLM._loglikelihood_tokens`` scores each request of a batch on its own: a log-softmax over the whole padded batch,
+then per request a slice, an argmax, a gather and two host reads (``float(...)``, ``bool(...)``). For small models
+that per-request work is the whole cost of an evaluation: on one H200, full ARC-Easy + LAMBADA + PIQA + SciQ +
+HellaSwag (62,494 requests) took 151 s for a 12-layer, 384-wide model, and several evaluations sharing the card
+were slower still (every read waits for the other processes' kernels).
+
+``BatchedHFLM`` keeps everything of ``HFLM`` (the same ``Collator`` ordering, batching, left truncation to
+``max_length``, one-token-continuation grouping, cache hook, progress bar) and changes only the scoring of a batch:
+the positions every request scores are gathered first, log-softmax and argmax run once over those rows, and the
+results come back to the host in one read per batch. The answers are the same numbers (sums of the same float32
+log-probabilities, summed on the host in float64 instead of on the device in float32). Seq2seq models and
+``batch_size="auto"`` fall back to ``HFLM``'s own loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from lm_eval.models.huggingface import HFLM
+from lm_eval.models.utils import Collator
+from tqdm.auto import tqdm
+
+Request = tuple[tuple[str, str], list[int], list[int]]  # ((context, continuation) strings, context ids, cont. ids)
+
+
+def _collate(req: Request) -> tuple[int, tuple[int, ...]]:
+    """``HFLM``'s sort key: longest context + continuation first (OOMs happen at once, batches pad least)."""
+    toks = req[1] + req[2]
+    return -len(toks), tuple(toks)
+
+
+def _one_token_group(req: Request) -> list[int]:
+    """``HFLM``'s grouping key: requests that differ only in their last continuation token share one forward."""
+    return req[-2] + req[-1][:-1]
+
+
+class BatchedHFLM(HFLM):
+    """``HFLM`` whose causal log-likelihood scoring reads each batch's results back at once (see the module doc)."""
+
+    def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
+                              override_bs: int | None = None) -> list[tuple[float, bool]]:
+        if self.backend != "causal" or self.batch_size == "auto":
+            return super()._loglikelihood_tokens(requests, disable_tqdm, override_bs)
+        re_ord = Collator(requests, sort_fn=_collate, group_by="contexts" if self.logits_cache else None,
+                          group_fn=_one_token_group)
+        placeholder = torch.empty(1, 1, 1)  # get_cache expands "logits" per grouped request; only its yields matter
+        results: list[tuple[float, bool]] = []
+        pbar = tqdm(total=len(requests), disable=(disable_tqdm or self.rank != 0),
+                    desc="Running loglikelihood requests")
+        for chunk in re_ord.get_batched(n=self.batch_size):
+            # Inputs as HFLM builds them: (context + continuation), cut from the left to max_length + 1, less the
+            # last token; right-padded with zeros, which leaves a causal model's logits at real positions as they are.
+            inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
+            ids = torch.zeros((len(inputs), max(map(len, inputs))), dtype=torch.long)  # (B, W)
+            for row, inp in enumerate(inputs):
+                ids[row, :len(inp)] = torch.tensor(inp, dtype=torch.long)
+            logits = self._model_call(ids.to(self.device))  # (B, W, V)
+
+            # Every (request, continuation) this batch answers -- grouped requests share their key's row -- and the
+            # positions it scores: the last len(cont) input positions predict the continuation's tokens.
+            rows, cols, targets, answers = [], [], [], []
+            for row, ((request_str, ctx, cont), inp) in enumerate(zip(chunk, inputs, strict=True)):
+                for req_str, cont_toks, _ in re_ord.get_cache(req_str=request_str, cxt_toks=ctx, cont_toks=cont,
+                                                              logits=placeholder):
+                    n = len(cont_toks)
+                    rows += [row] * n
+                    cols += range(len(inp) - n, len(inp))
+                    targets += cont_toks
+                    answers.append((req_str, n))
+            target = torch.tensor(targets, dtype=torch.long, device=logits.device)  # (N,)
+            scored = logits[torch.tensor(rows, device=logits.device),
+                            torch.tensor(cols, device=logits.device)]  # (N, V)
+            logprobs = F.log_softmax(scored, dim=-1, dtype=self.softmax_dtype)  # (N, V)
+            token_logprob = logprobs.gather(-1, target[:, None]).squeeze(-1)  # (N,)
+            greedy = logprobs.argmax(dim=-1) == target  # (N,)
+            token_logprob, greedy = token_logprob.float().cpu().tolist(), greedy.cpu().tolist()  # one read a batch
+
+            start = 0
+            for req_str, n in answers:
+                answer = (float(sum(token_logprob[start:start + n])), all(greedy[start:start + n]))
+                start += n
+                results.append(answer)
+                if req_str is not None:  # loglikelihood_rolling's windows have no cache key (HFLM skips them too)
+                    self.cache_hook.add_partial("loglikelihood", req_str, answer)
+                pbar.update(1)
+        pbar.close()
+        return re_ord.get_original(results)

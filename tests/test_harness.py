@@ -1,0 +1,82 @@
+"""``BatchedHFLM`` answers every log-likelihood request exactly as the harness's own ``HFLM`` does."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+lm_eval = pytest.importorskip("lm_eval")
+from lm_eval.api.instance import Instance  # noqa: E402
+from lm_eval.models.huggingface import HFLM  # noqa: E402
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+
+from mlkv import evaluate as ev  # noqa: E402
+from mlkv.harness import BatchedHFLM  # noqa: E402
+
+DATA = Path(os.environ.get("MLKV_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+TOKENIZER_FILE = DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+if not (DATA / "eval").is_dir() or not TOKENIZER_FILE.is_file():
+    pytest.skip(f"shared data folder not found ({DATA}); set MLKV_DATA", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer():
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=256, rotary_pct=0.25)
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE), eos_token="<|endoftext|>")
+    return GPTNeoXForCausalLM(config).eval(), tok
+
+
+def _task_requests(limit):
+    """Real requests of the paper's tasks (multi-token LAMBADA targets, 2- and 4-way multiple choice)."""
+    manager = ev.task_manager("local", DATA)
+    requests = []
+    for name in ("lambada_openai", "piqa", "arc_easy", "hellaswag", "sciq"):
+        task = manager.load([name])["tasks"][name]
+        task.build_all_requests(limit=limit, rank=0, world_size=1)
+        requests += task.instances
+    return requests
+
+
+def _greedy_and_grouped_requests(model, tok):
+    """Requests that are the model's own greedy continuation (is_greedy True), one-token continuations sharing a
+    context (the harness's grouped path), and a context longer than max_length (truncated from the left)."""
+    context = "The quick brown fox jumps over the lazy"
+    ids = tok(context)["input_ids"]
+    with torch.no_grad():
+        for _ in range(3):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    greedy = tok.decode(ids[len(tok(context)["input_ids"]):])
+    args = [(context, greedy), (context, " dog"), (context, " cat"), (context, " the"),
+            ("word " * 300, " end of it"), ("Answer:", " A"), ("Answer:", " B")]
+    return [Instance("loglikelihood", {}, a, i) for i, a in enumerate(args)], greedy
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 16])
+def test_batched_equals_hflm(model_and_tokenizer, batch_size):
+    model, tok = model_and_tokenizer
+    extra, greedy = _greedy_and_grouped_requests(model, tok)
+    requests = _task_requests(limit=6) + extra
+    ours = BatchedHFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=batch_size, max_length=128)
+    theirs = HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=batch_size, max_length=128)
+    got, want = ours.loglikelihood(requests), theirs.loglikelihood(requests)
+    assert len(got) == len(want) == len(requests)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(got, want)) <= 1e-4
+    assert got[len(requests) - len(extra)][1] is True, f"the model's greedy continuation {greedy!r} is greedy"
+
+
+def test_run_tasks_uses_batched_scoring(model_and_tokenizer, monkeypatch):
+    """``run_tasks`` scores through ``BatchedHFLM``: its results equal the harness's ``HFLM`` on the same model."""
+    model, tok = model_and_tokenizer
+    ours = ev.run_tasks(model, ["piqa", "lambada_openai"], limit=8, batch_size=4, data_dir=DATA, tokenizer=tok,
+                        bootstrap_iters=0)
+    monkeypatch.setattr("mlkv.harness.BatchedHFLM._loglikelihood_tokens", HFLM._loglikelihood_tokens)
+    theirs = ev.run_tasks(model, ["piqa", "lambada_openai"], limit=8, batch_size=4, data_dir=DATA, tokenizer=tok,
+                          bootstrap_iters=0)
+    for task in ("piqa", "lambada_openai"):
+        assert ours["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]
+    assert ours["results"]["lambada_openai"]["perplexity,none"] == pytest.approx(
+        theirs["results"]["lambada_openai"]["perplexity,none"], rel=1e-5)
