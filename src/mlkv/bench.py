@@ -982,8 +982,8 @@ def print_report(report: dict) -> None:
           f"engine); ctx: decode steps at context {s['step_context']}; x bound: step time / HBM bound "
           f"(weights + KV in use at the measured copy bandwidth); x hf-st: transformers static-cache step time / "
           f"engine's (x hf-stc: its compiled path); ctx-cmp: the torch.compile'd engine's decode steps; tok/s@max: "
-          f"decode tokens/s at the max batch, full context; max batch at context {s['context']}, max ctx at batch {s['context_batch']} "
-          f"({meta['fit_method']}, budget {meta['budget_bytes'] / GB:.3g} GB)")
+          f"decode tokens/s at the max batch, full context; max batch at context {s['context']}, max ctx at batch "
+          f"{s['context_batch']} ({meta['fit_method']}, budget {meta['budget_bytes'] / GB:.3g} GB)")
     for r in plans:
         if r["skipped"]:
             print(f"{r['plan']}: skipped {', '.join(r['skipped'])}")
