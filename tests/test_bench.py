@@ -3,6 +3,9 @@
 import argparse
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -219,3 +222,20 @@ def test_compile_deadline_skips_compiled_runs(tmp_path, monkeypatch):
     (r,) = report["plans"]
     assert r["skipped"] == ["compiled engine (deadline)"]
     assert not any("engine_compiled" in row for run in ("generate", "step") for row in r[run])
+
+
+def test_profile_decode_cpu_smoke(tmp_path):
+    """benchmarks/profile_decode.py on CPU (a tiny 12x12 model, CPU op times): a table, then one JSON line."""
+    out = tmp_path / "profile.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--new-tokens", "5", "--top", "4",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last == json.loads(out.read_text())
+    assert last["steps"] == 4 and last["compiled"] is False and last["plan"] == "MHA-144"
+    assert last["step_ms"] > 0 and last["kernel_ms_per_step"] > 0 and last["kernels_per_step"] > 1
+    assert 0 < last["busy_fraction"] < 1.05  # op self times over the profiled wall time
+    assert len(last["top"]) == 4 and set(last["top"][0]) == {"name", "count", "total_us", "mean_us"}
+    totals = [k["total_us"] for k in last["top"]]
+    assert totals == sorted(totals, reverse=True)
