@@ -8,8 +8,8 @@ engine next to transformers' generate() (dynamic and static cache) on the same c
 
 Runs: batch 1 and 64 at prompt 512 + 128 new tokens; decode steps at context 1024 for batch 1, 64, 128, 256;
 max batch at context 2048 and max context at batch 64 with the card's memory as budget; then, while the deadline
-(--deadline-s, default 420 s) allows, the torch.compile'd engine at batch 1 for MHA-144 and MLKV-1
-(--compile-plans to change, --no-compile to skip). Writes
+(--deadline-s, default 420 s) allows, the torch.compile'd engine on the generate and step runs at batch 1 for
+MHA-144 and MLKV-1 (--compile-max-batch and --compile-plans to change, --no-compile to skip). Writes
 benchmarks/results/inference.{json,csv} and plots; any mlkv bench option can be added (see --help).
 """
 
@@ -39,8 +39,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_arguments(parser)
     parser.add_argument("--no-compile", action="store_true",
-                        help="on GPU the run ends with the torch.compile'd engine at batch 1 (until the deadline); "
-                             "this skips it")
+                        help="on GPU the run ends with the torch.compile'd engine on the generate and step runs "
+                             "up to --compile-max-batch (until the deadline); this skips it")
     parser.set_defaults(out=str(RESULTS))
     args = parser.parse_args(argv)
     import torch

@@ -3,6 +3,9 @@
 import argparse
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +164,78 @@ def test_time_full_step_runs_a_full_context_step():
     r = time_full_step(model, 3, 20, "cpu", iters=2)
     assert r["batch"] == 3 and r["context"] == 20 and r["step_ms"] > 0
     assert r["decode_tok_s"] == pytest.approx(3 / (r["step_ms"] / 1e3))
+
+
+def test_compile_times_generate_and_step_rows(tmp_path, monkeypatch, capsys):
+    """--compile times the compiled engine on the generate and step rows up to compile_max_batch, on the rows' own
+    prompts, and rates the step rows against the same HBM bound as the other paths. The compiled run itself is
+    faked (inductor on CPU takes minutes): what is tested is the plumbing."""
+    import mlkv.bench as bench
+
+    real_run, eager_prompts, compiled_calls = bench._engine_run, [], []
+
+    def engine_run(model, prompts, new_tokens, repeats, device, engine_kwargs):
+        if not engine_kwargs.get("compile"):
+            eager_prompts.append(prompts.clone())
+            return real_run(model, prompts, new_tokens, repeats, device, engine_kwargs)
+        compiled_calls.append((prompts.clone(), new_tokens, engine_kwargs))
+        B = prompts.shape[0]
+        return {"step_ms": 0.25, "decode_tok_s": B * 4e3, "e2e_tok_s": B * 3e3, "prefill_tok_s": 1e5,
+                "peak_bytes": None, "cache_bytes": 0, "compiled": True, "tokens": torch.zeros(B, new_tokens)}
+
+    monkeypatch.setattr(bench, "_engine_run", engine_run)
+    _, report = tiny_bench(tmp_path, plans=["mha"], step_batches=[2, 5], compile=True, compile_max_batch=2,
+                           bucket=8, search=False, print_table=True)
+    (r,) = report["plans"]
+    assert [(run, row["batch"]) for run in ("generate", "step") for row in r[run]
+            if "engine_compiled" in row] == [("generate", 1), ("step", 2)]
+    (gen1, _), (step2, step5) = r["generate"], r["step"]
+    (g_prompts, g_new, g_kw), (s_prompts, s_new, s_kw) = compiled_calls
+    assert g_kw == s_kw == {"compile": True, "bucket": 8}
+    assert (g_prompts.shape, g_new) == ((1, 6), 5) and (s_prompts.shape, s_new) == ((2, 20), 4)  # 24 - 4 tokens
+    assert torch.equal(g_prompts, eager_prompts[0]) and torch.equal(s_prompts, eager_prompts[2])  # rows' prompts
+    c = step2["engine_compiled"]
+    assert c["bound_ratio"] == pytest.approx(0.25 / step2["hbm_bound_ms"])
+    assert c["bandwidth_fraction"] == pytest.approx(step2["hbm_bound_ms"] / 0.25)
+    assert step2["compiled_step_speedup_vs_engine"] == pytest.approx(step2["engine"]["step_ms"] / 0.25)
+    assert step2["compiled_step_speedup_vs_hf_static"] == pytest.approx(step2["hf_static"]["step_ms"] / 0.25)
+    assert gen1["compiled_step_speedup_vs_hf_static"] == pytest.approx(gen1["hf_static"]["step_ms"] / 0.25)
+    assert "bound_ratio" not in gen1["engine_compiled"] and "engine_compiled" not in step5
+    s = report["summary"]["MHA"]
+    assert s["step_b2_ctx24_compiled_ms"] == 0.25 and "step_b5_ctx24_compiled_ms" not in s
+    assert s["step_b2_compiled_bound_ratio"] == pytest.approx(c["bound_ratio"], rel=1e-3)
+    assert s["step_b2_compiled_speedup_vs_engine"] == pytest.approx(step2["compiled_step_speedup_vs_engine"], 1e-3)
+    rows = [row for row in csv.DictReader(open(report["files"]["csv"])) if row["impl"] == "engine_compiled"]
+    assert [(row["run"], row["batch"]) for row in rows] == [("generate", "1"), ("step", "2")]
+    assert float(rows[1]["bound_ratio"]) == pytest.approx(c["bound_ratio"], rel=1e-4)
+    assert rows[0]["bound_ratio"] == ""
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.lstrip().startswith("plan"))
+    assert "cmp b1 ms" in header and "ctx-cmp b2 ms" in header and "ctx-cmp b5 ms" not in header
+
+
+def test_compile_deadline_skips_compiled_runs(tmp_path, monkeypatch):
+    import mlkv.bench as bench
+
+    monkeypatch.setattr(bench, "COMPILE_RESERVE_S", 1e9)
+    _, report = tiny_bench(tmp_path, plans=["mha"], compile=True, compile_max_batch=4, deadline_s=1e6,
+                           search=False, hf=False)
+    (r,) = report["plans"]
+    assert r["skipped"] == ["compiled engine (deadline)"]
+    assert not any("engine_compiled" in row for run in ("generate", "step") for row in r[run])
+
+
+def test_profile_decode_cpu_smoke(tmp_path):
+    """benchmarks/profile_decode.py on CPU (a tiny 12x12 model, CPU op times): a table, then one JSON line."""
+    out = tmp_path / "profile.json"
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
+    proc = subprocess.run([sys.executable, str(script), "--device", "cpu", "--new-tokens", "5", "--top", "4",
+                           "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last == json.loads(out.read_text())
+    assert last["steps"] == 4 and last["compiled"] is False and last["plan"] == "MHA-144"
+    assert last["step_ms"] > 0 and last["kernel_ms_per_step"] > 0 and last["kernels_per_step"] > 1
+    assert 0 < last["busy_fraction"] < 1.05  # op self times over the profiled wall time
+    assert len(last["top"]) == 4 and set(last["top"][0]) == {"name", "count", "total_us", "mean_us"}
+    totals = [k["total_us"] for k in last["top"]]
+    assert totals == sorted(totals, reverse=True)

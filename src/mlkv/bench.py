@@ -10,6 +10,8 @@ For every plan (same shape, same card, same weights for the engine and transform
 * ``step`` runs (default context 1024, batch 1 to 256): decode time per step against the HBM bound
   ``(weight bytes read + KV bytes in use) / measured bandwidth``, the card's bandwidth being measured in the same
   run by a device-to-device copy (bytes read + written / time);
+* with ``compile``, last: the engine with its decode step through ``torch.compile`` on the generate and step runs
+  with batch <= ``compile_max_batch`` (the same prompts; step runs against the same HBM bound);
 * the largest batch at a context (default 2048) and the longest context at a batch (default 64) under a memory
   budget (default: the card's memory), found by really allocating the model, the cache and one decode step and
   catching ``torch.cuda.OutOfMemoryError`` (gallop from an analytic guess, then bisect). The allocator is
@@ -44,6 +46,7 @@ from .sharing import PAPER_PRESETS, PAPER_SHAPE, resolve_plan
 GB = 1e9
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
+COMPILE_RESERVE_S = 90  # seconds a compiled run (one compilation + timing) is given before the deadline
 TryFit = Callable[[MLKVForCausalLM, int, int], bool]  # (model, batch, context) -> fits?
 
 
@@ -455,10 +458,11 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
     ``max_position_embeddings``). ``batches`` / ``prompt_len`` / ``new_tokens``: the generate runs.
     ``step_context`` / ``step_batches`` / ``step_tokens``: the decode-step runs. ``try_fit(model, batch, context)``
     replaces the real allocator. ``compile``: afterwards, also time the engine with its decode step through
-    ``torch.compile`` ("engine_compiled") on the generate runs with batch <= ``compile_max_batch``, for
-    ``compile_plans`` (default all; one compilation per plan). ``deadline_s``: skip transformers runs, searches and
-    compiled runs once this many seconds have passed. ``strict``: raise on a failed measurement instead of recording
-    it in ``meta["errors"]`` and going on. ``bucket``: the engine's attention-length granularity (``MLKVEngine``).
+    ``torch.compile`` ("engine_compiled") on the generate and step runs with batch <= ``compile_max_batch``, for
+    ``compile_plans`` (default all; one compilation per plan and run shape). ``deadline_s``: skip transformers runs,
+    searches and compiled runs once this many seconds have passed (a compiled run once fewer than
+    ``COMPILE_RESERVE_S`` are left). ``strict``: raise on a failed measurement instead of recording it in
+    ``meta["errors"]`` and going on. ``bucket``: the engine's attention-length granularity (``MLKVEngine``).
     """
     t_start = time.perf_counter()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -550,6 +554,11 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
         return deadline_s is not None and time.perf_counter() - t_start > deadline_s
 
     errors: list[str] = []
+    seed_of = {"generate": seed, "step": seed + 1000}
+
+    def row_prompts(run: str, row: dict) -> torch.Tensor:
+        """The prompts of a generate or step row (the same for every path timed on it)."""
+        return _prompts(row["batch"], row["prompt_len"], config.vocab_size, seed_of[run] + row["batch"])
 
     def guarded(what: str, fn):
         """Run one measurement; unless ``strict``, a failure is recorded and the benchmark goes on."""
@@ -596,8 +605,8 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
         with torch.no_grad():
             for b in batches:
                 bar.set_description(f"{label}: generate b={b}")
-                prompts = _prompts(b, prompt_len, config.vocab_size, seed + b)
                 row = {"batch": b, "prompt_len": prompt_len, "new_tokens": new_tokens}
+                prompts = row_prompts("generate", row)
                 _put(row, "engine", guarded(f"{label} engine generate b={b}", lambda: _engine_run(
                     model, prompts, new_tokens, repeats, device, engine_kwargs)))
                 if hf and b <= hf_max_batch and not late():
@@ -614,8 +623,8 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
             P = step_context - step_tokens
             for b in step_batches:
                 bar.set_description(f"{label}: step b={b} ctx={step_context}")
-                prompts = _prompts(b, P, config.vocab_size, seed + 1000 + b)
                 row = {"batch": b, "context": step_context, "prompt_len": P, "new_tokens": step_tokens}
+                prompts = row_prompts("step", row)
                 # KV in use: decode steps write columns P .. P + steps - 2 and a step at column c reads c + 1 tokens.
                 kv_len = P + 1 + (step_tokens - 2) / 2
                 kv_bytes = r["kv_bytes_per_token"] * b * kv_len
@@ -629,10 +638,7 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
                 elif hf:
                     why = "deadline" if late() else "batch > hf_max_batch"
                     r["skipped"].append(f"transformers step b={b} ({why})")
-                for k in ("engine", "hf_dynamic", "hf_static", "hf_static_compiled"):
-                    if k in row:
-                        row[k]["bound_ratio"] = row[k]["step_ms"] / row["hbm_bound_ms"]
-                        row[k]["bandwidth_fraction"] = row["hbm_bound_ms"] / row[k]["step_ms"]
+                _bound_ratios(row, ("engine", "hf_dynamic", "hf_static", "hf_static_compiled"))
                 _speedups(row)
                 r["step"].append(_strip_row(row))
                 bar.update(1)
@@ -660,32 +666,39 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
         results.append(r)
         del model
         _free_cuda()
-    if compile:  # last: one compilation per plan, each worth less than the measurements above
+    if compile:  # last: one compilation per plan and run shape, each worth less than the measurements above
+        def compile_late() -> bool:
+            return deadline_s is not None and time.perf_counter() - t_start + COMPILE_RESERVE_S > deadline_s
+
         for plan, r in zip(plans, results):
             bar.set_description(f"{r['plan']}: compiled engine")
             if wanted is not None and r["plan"].lower() not in wanted and plan.structure not in wanted:
                 bar.update(1)
                 continue
-            if deadline_s is not None and time.perf_counter() - t_start + 90 > deadline_s:
+            if compile_late():
                 r["skipped"].append("compiled engine (deadline)")
                 bar.update(1)
                 continue
             model, _ = _build(config, loaded, plan, device, dtype, seed)
             with torch.no_grad():
-                for row in r["generate"]:
-                    b = row["batch"]
-                    if b > compile_max_batch:
-                        continue
-                    prompts = _prompts(b, prompt_len, config.vocab_size, seed + b)
-                    c = guarded(f"{r['plan']} compiled engine b={b}", lambda: _engine_run(
-                        model, prompts, new_tokens, repeats, device, {"compile": True, "bucket": bucket}))
-                    if c is None:
-                        continue
-                    row["engine_compiled"] = _strip(c)
-                    if "hf_static" in row:
-                        row["compiled_step_speedup_vs_hf_static"] = row["hf_static"]["step_ms"] / c["step_ms"]
-                    if "engine" in row:
-                        row["compiled_step_speedup_vs_engine"] = row["engine"]["step_ms"] / c["step_ms"]
+                for run in ("generate", "step"):
+                    for row in r[run]:
+                        b = row["batch"]
+                        if b > compile_max_batch:
+                            continue
+                        if compile_late():
+                            r["skipped"].append(f"compiled engine {run} b={b} (deadline)")
+                            continue
+                        bar.set_description(f"{r['plan']}: compiled engine {run} b={b}")
+                        prompts = row_prompts(run, row)
+                        c = guarded(f"{r['plan']} compiled engine {run} b={b}", lambda: _engine_run(
+                            model, prompts, row["new_tokens"], repeats, device, {"compile": True, "bucket": bucket}))
+                        if c is None:
+                            continue
+                        row["engine_compiled"] = _strip(c)
+                        if run == "step":
+                            _bound_ratios(row, ("engine_compiled",))
+                        _speedups(row, "engine_compiled")
             bar.update(1)
             del model
             _free_cuda()
@@ -717,14 +730,29 @@ def _put(d: dict, key: str, value) -> None:
         d[key] = value
 
 
-def _speedups(row: dict) -> None:
-    if "engine" not in row:
+SPEEDUP_BASES = {"engine": ("hf_dynamic", "hf_static", "hf_static_compiled"),
+                 "engine_compiled": ("hf_dynamic", "hf_static", "hf_static_compiled", "engine")}
+SPEEDUP_PREFIX = {"engine": "", "engine_compiled": "compiled_"}
+
+
+def _speedups(row: dict, impl: str = "engine") -> None:
+    """Step and end-to-end speedups of ``impl`` over the other paths measured on ``row``: ``step_speedup_vs_{k}``
+    for the engine, ``compiled_step_speedup_vs_{k}`` for the compiled engine."""
+    if impl not in row:
         return
-    e = row["engine"]
-    for k in ("hf_dynamic", "hf_static", "hf_static_compiled"):
+    e, prefix = row[impl], SPEEDUP_PREFIX[impl]
+    for k in SPEEDUP_BASES[impl]:
         if k in row and "step_ms" in row[k] and "step_ms" in e:
-            row[f"step_speedup_vs_{k}"] = row[k]["step_ms"] / e["step_ms"]
-            row[f"e2e_speedup_vs_{k}"] = e["e2e_tok_s"] / row[k]["e2e_tok_s"]
+            row[f"{prefix}step_speedup_vs_{k}"] = row[k]["step_ms"] / e["step_ms"]
+            row[f"{prefix}e2e_speedup_vs_{k}"] = e["e2e_tok_s"] / row[k]["e2e_tok_s"]
+
+
+def _bound_ratios(row: dict, impls: Sequence[str]) -> None:
+    """Each measured path's step time against the step row's HBM bound (and the bandwidth fraction it reaches)."""
+    for k in impls:
+        if k in row:
+            row[k]["bound_ratio"] = row[k]["step_ms"] / row["hbm_bound_ms"]
+            row[k]["bandwidth_fraction"] = row["hbm_bound_ms"] / row[k]["step_ms"]
 
 
 def _strip_row(row: dict) -> dict:
@@ -753,6 +781,12 @@ def _summary(results: list[dict]) -> dict:
             s[f"step_b{b}_bound_ratio"] = _round(row.get("engine", {}).get("bound_ratio"))
             if "step_speedup_vs_hf_static" in row:
                 s[f"step_b{b}_speedup_vs_hf_static"] = _round(row["step_speedup_vs_hf_static"])
+            if "engine_compiled" in row:
+                s[f"step_b{b}_ctx{row['context']}_compiled_ms"] = _round(row["engine_compiled"]["step_ms"])
+                s[f"step_b{b}_compiled_bound_ratio"] = _round(row["engine_compiled"]["bound_ratio"])
+                for k in ("engine", "hf_static"):
+                    if f"compiled_step_speedup_vs_{k}" in row:
+                        s[f"step_b{b}_compiled_speedup_vs_{k}"] = _round(row[f"compiled_step_speedup_vs_{k}"])
         if "max_batch" in r:
             s["max_batch"] = r["max_batch"]["max_batch"]
         if "max_batch_decode" in r:
@@ -855,8 +889,13 @@ def write_plots(report: dict, out_dir: Path) -> dict:
         hf = sorted((row["batch"], row["hf_static"]["decode_tok_s"]) for row in r["step"] if "hf_static" in row)
         if hf:
             ax.plot(*zip(*hf), marker="x", ls="--", color=col[r["plan"]], alpha=0.6)
+        cmp = sorted((row["batch"], row["engine_compiled"]["decode_tok_s"]) for row in r["step"]
+                     if "engine_compiled" in row)
+        if cmp:
+            ax.plot(*zip(*cmp), marker="s", ls=":", color=col[r["plan"]])
     ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
-           title=f"decode throughput, context {ctx} (solid: engine, dashed: transformers static)\n{title}")
+           title=f"decode throughput, context {ctx} (solid: engine, dotted: compiled engine, dashed: transformers "
+                 f"static)\n{title}")
     ax.legend(fontsize=7, ncol=2)
     files["throughput_vs_batch"] = _save(fig, out_dir / "throughput_vs_batch.png")
 
@@ -897,13 +936,15 @@ def print_report(report: dict) -> None:
     gen_b = sorted({row["batch"] for r in plans for row in r["generate"]})
     step_b = sorted({row["batch"] for r in plans for row in r["step"]})
     compiled = sorted({row["batch"] for r in plans for row in r["generate"] if "engine_compiled" in row})
+    step_compiled = sorted({row["batch"] for r in plans for row in r["step"] if "engine_compiled" in row})
     hf_cmp = sorted({row["batch"] for r in plans for row in r["generate"] if "hf_static_compiled" in row})
     header = ["plan", "KV B/tok", "alloc B/tok"]
     for b in gen_b:
         header += [f"gen b{b} ms", "x hf-st"] + (["x hf-stc"] if b in hf_cmp else []) + (
             [f"cmp b{b} ms", "x hf-st"] + (["x hf-stc"] if b in hf_cmp else []) if b in compiled else [])
     for b in step_b:
-        header += [f"ctx b{b} ms", "x bound", "x hf-st"]
+        header += [f"ctx b{b} ms", "x bound", "x hf-st"] + ([f"ctx-cmp b{b} ms", "x bound"] if b in step_compiled
+                                                            else [])
     header += ["max batch", "tok/s@max", "max ctx"]
     rows = []
     for r in plans:
@@ -912,19 +953,22 @@ def print_report(report: dict) -> None:
         for b in gen_b:
             row = gen.get(b, {})
             cells += [_fmt(row.get("engine", {}).get("step_ms")), _fmt(row.get("step_speedup_vs_hf_static"), ".2f")]
-            hf_c = row.get("hf_static_compiled", {}).get("step_ms")
             if b in hf_cmp:
                 cells += [_fmt(row.get("step_speedup_vs_hf_static_compiled"), ".2f")]
             if b in compiled:
-                c = row.get("engine_compiled", {}).get("step_ms")
-                cells += [_fmt(c), _fmt(row.get("compiled_step_speedup_vs_hf_static"), ".2f")]
+                cells += [_fmt(row.get("engine_compiled", {}).get("step_ms")),
+                          _fmt(row.get("compiled_step_speedup_vs_hf_static"), ".2f")]
                 if b in hf_cmp:
-                    cells += [_fmt(hf_c / c if hf_c and c else None, ".2f")]
+                    cells += [_fmt(row.get("compiled_step_speedup_vs_hf_static_compiled"), ".2f")]
         step = {row["batch"]: row for row in r["step"]}
         for b in step_b:
-            e = step.get(b, {}).get("engine", {})
+            row = step.get(b, {})
+            e = row.get("engine", {})
             cells += [_fmt(e.get("step_ms")), _fmt(e.get("bound_ratio"), ".2f"),
-                      _fmt(step.get(b, {}).get("step_speedup_vs_hf_static"), ".2f")]
+                      _fmt(row.get("step_speedup_vs_hf_static"), ".2f")]
+            if b in step_compiled:
+                c = row.get("engine_compiled", {})
+                cells += [_fmt(c.get("step_ms")), _fmt(c.get("bound_ratio"), ".2f")]
         cells += [str(r.get("max_batch", {}).get("max_batch", "-")),
                   _fmt(r.get("max_batch_decode", {}).get("decode_tok_s"), ".4g"),
                   str(r.get("max_context", {}).get("max_context", "-"))]
@@ -937,9 +981,9 @@ def print_report(report: dict) -> None:
     print(f"gen: prompt {s['prompt_len']} + {s['new_tokens']} new tokens, ms per decode step (cmp: torch.compile'd "
           f"engine); ctx: decode steps at context {s['step_context']}; x bound: step time / HBM bound "
           f"(weights + KV in use at the measured copy bandwidth); x hf-st: transformers static-cache step time / "
-          f"engine's (x hf-stc: its compiled path); tok/s@max: decode tokens/s at the max batch, full context; "
-          f"max batch at context {s['context']}, max ctx at batch {s['context_batch']} "
-          f"({meta['fit_method']}, budget {meta['budget_bytes'] / GB:.3g} GB)")
+          f"engine's (x hf-stc: its compiled path); ctx-cmp: the torch.compile'd engine's decode steps; tok/s@max: "
+          f"decode tokens/s at the max batch, full context; max batch at context {s['context']}, max ctx at batch "
+          f"{s['context_batch']} ({meta['fit_method']}, budget {meta['budget_bytes'] / GB:.3g} GB)")
     for r in plans:
         if r["skipped"]:
             print(f"{r['plan']}: skipped {', '.join(r['skipped'])}")
@@ -992,10 +1036,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--hf-compile", action="store_true",
                         help="let transformers auto-compile its static-cache path (slow to compile per shape)")
     parser.add_argument("--compile", action="store_true",
-                        help="also time the engine with torch.compile'd decode steps (generate runs, batch <= "
-                             "--compile-max-batch; one compilation per plan, run last)")
+                        help="also time the engine with torch.compile'd decode steps (generate and step runs "
+                             "with batch <= --compile-max-batch; one compilation per plan and run shape, run last)")
     parser.add_argument("--compile-plans", nargs="+", default=None, help="plans for --compile (default: all)")
-    parser.add_argument("--compile-max-batch", type=int, default=1)
+    parser.add_argument("--compile-max-batch", type=int, default=1,
+                        help="largest batch of the generate and step runs timed with --compile (default 1)")
     parser.add_argument("--no-search", action="store_true", help="skip the max-batch / max-context searches")
     parser.add_argument("--bucket", default="auto",
                         help="engine decode steps attend over the used cache columns rounded up to this many "
