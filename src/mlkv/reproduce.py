@@ -332,7 +332,7 @@ def stage_bench(s: Settings, out: Path) -> dict | None:
 
     _say("bench: memory and throughput per config (the base's shape; the engine only, see mlkv bench for HF)")
     result = run_bench(str(out / "base"), plans=list(s.plans), out_dir=str(out / "bench"), hf=False,
-                       compile=False, quick=True, batches=[1, 64], step_batches=[64], deadline_s=300, progress=False)
+                       compile=False, quick=True, batches=[1, 64], step_batches=[64], deadline_s=150, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     return result
