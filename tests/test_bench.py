@@ -166,6 +166,28 @@ def test_time_full_step_runs_a_full_context_step():
     assert r["decode_tok_s"] == pytest.approx(3 / (r["step_ms"] / 1e3))
 
 
+def test_time_at_max_batch_backs_off_after_out_of_memory(monkeypatch):
+    """At the allocator's edge the timed step may not fit: each OOM retries at 95% of the batch, and the result
+    names both the batch timed and the search's max batch; an OOM on every try is raised."""
+    import mlkv.bench as bench
+
+    tried = []
+
+    def fake_step(model, batch, context, device):
+        tried.append(batch)
+        if batch > 900:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return {"batch": batch, "context": context, "step_ms": 1.0, "decode_tok_s": batch * 1e3}
+
+    monkeypatch.setattr(bench, "time_full_step", fake_step)
+    r = bench.time_at_max_batch(None, 1000, 64, "cpu")
+    assert tried == [1000, 950, 902, 856] and r["batch"] == 856 and r["max_batch"] == 1000 and r["backoffs"] == 3
+    tried.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        bench.time_at_max_batch(None, 5000, 64, "cpu", tries=2)
+    assert tried == [5000, 4750]
+
+
 def test_compile_times_generate_and_step_rows(tmp_path, monkeypatch, capsys):
     """--compile times the compiled engine on the generate and step rows up to compile_max_batch, on the rows' own
     prompts, and rates the step rows against the same HBM bound as the other paths. The compiled run itself is

@@ -123,3 +123,28 @@ def test_eval_retries_a_failed_worker_alone(tmp_path, monkeypatch, capsys):
     assert {k: v["name"] for k, v in results.items()} == {"a": "a", "b": "b", "c": "c"}
     assert sorted(calls) == ["a", "b", "c"] and calls[-1] == "b"  # b only after the pool, alone
     assert "b failed in a worker (RuntimeError: CUDA out of memory" in capsys.readouterr().out
+
+
+@needs_data
+def test_a_run_stopped_by_sigterm_keeps_its_time(tmp_path, monkeypatch):
+    """`timeout` (SIGTERM) mid-stage: the run exits with 128 + 15, and its seconds still add up in timing.json, so
+    the report of a run resumed across device calls states the whole time."""
+    import os
+    import signal
+    import time
+
+    import mlkv.reproduce as rp
+
+    def stopped(*args):
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises SystemExit before this ends
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(rp, "stage_base", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce(small(tmp_path / "run"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert json.loads((tmp_path / "run" / "timing.json").read_text())["earlier_seconds"] >= 0.2
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back

@@ -1,10 +1,12 @@
 """lm-evaluation-harness's ``HFLM`` with a batched read-back of log-likelihoods.
 
 ``HFLM._loglikelihood_tokens`` scores each request of a batch on its own: a log-softmax over the whole padded batch,
-then per request a slice, an argmax, a gather and two host reads (``float(...)``, ``bool(...)``). For small models
-that per-request work is the whole cost of an evaluation: on one H200, full ARC-Easy + LAMBADA + PIQA + SciQ +
-HellaSwag (62,494 requests) took 151 s for a 12-layer, 384-wide model, and several evaluations sharing the card
-were slower still (every read waits for the other processes' kernels).
+then per request a slice, an argmax, a gather and two host reads (``float(...)``, ``bool(...)``), each of which waits
+for the device. Several evaluations sharing one GPU (``mlkv reproduce`` runs 8) wait on each other's kernels there.
+On one H200, 8 concurrent full-set evaluations (ARC-Easy, LAMBADA, PIQA, SciQ, HellaSwag: 62,494 requests) of a
+12-layer, 384-wide model took 274 s each through ``HFLM`` (batch 64) and 169-195 s each through this class (batch
+32; a different run, so the batch sizes differ too). The rest is the harness's host-side work (documents,
+tokenization, metrics).
 
 ``BatchedHFLM`` keeps everything of ``HFLM`` (the same ``Collator`` ordering, batching, left truncation to
 ``max_length``, one-token-continuation grouping, cache hook, progress bar) and changes only the scoring of a batch:

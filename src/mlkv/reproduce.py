@@ -27,7 +27,10 @@ import json
 import re
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -517,9 +520,13 @@ def render_report(results: dict) -> str:
             lines.append(f"| {plan} | {r.get('kv_bytes_per_token', '-'):,} | "
                          f"{_fmt(r.get('gen_b1_step_ms'), digits=3)} | "
                          f"{_fmt(r.get('gen_b64_step_ms'), digits=3)} | {_fmt(r.get('max_batch'))} | "
-                         f"{_fmt(r.get('max_batch_decode_tok_s'), digits=0)} |")
+                         f"{_fmt(r.get('max_batch_decode_tok_s'), digits=0)}"
+                         + (f" (at batch {r['max_batch_decode_batch']:,})"
+                            if r.get("max_batch_decode_batch", r.get("max_batch")) != r.get("max_batch") else "")
+                         + " |")
         if meta.get("errors"):
-            lines += ["", "Benchmark errors: " + "; ".join(meta["errors"])]
+            # the first sentence of each (an allocator's OOM message runs to a paragraph; bench.json keeps it all)
+            lines += ["", "Benchmark errors: " + "; ".join(e.split(". ")[0] for e in meta["errors"])]
         if bench.get("plans"):
             skipped = [f"{r['plan']}: {', '.join(r['skipped'])}" for r in bench["plans"] if r.get("skipped")]
             if skipped:
@@ -582,6 +589,10 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
     check_settings(s, out)
     timing_path = out / "timing.json"
     earlier = json.loads(timing_path.read_text())["earlier_seconds"] if timing_path.is_file() else 0.0
+    # A run stopped by SIGTERM (`timeout`, a scheduler) still adds its time: SystemExit runs the `finally` below.
+    on_term = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         base = stage_base(s, data, out)
         converted = stage_convert(s, base, out)
@@ -592,6 +603,8 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
         report = stage_report(s, out, evals, trained, bench, started - earlier, command)
     finally:
         timing_path.write_text(json.dumps({"earlier_seconds": earlier + time.time() - started}))
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_term)
     _say(f"report: {report}")
     return report
 
