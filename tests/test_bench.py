@@ -153,6 +153,20 @@ def test_argument_errors(tmp_path, kw, match):
     assert not (tmp_path / "inference.json").exists()  # checked before anything runs
 
 
+def test_a_config_without_weights_benchmarks_its_shape(tmp_path):
+    """A folder with only config.json (e.g. a reproduction's base_config) is benchmarked with random weights;
+    with weights its own plan would load them."""
+    from mlkv.bench import _base
+
+    from tiny import tiny_config
+
+    tiny_config().save_pretrained(tmp_path)
+    config, loaded, source = _base(tmp_path)
+    assert loaded is None and "no weights: random" in source and config.num_hidden_layers == 4
+    tiny_model().save_pretrained(tmp_path)
+    assert _base(tmp_path)[1] == tmp_path
+
+
 def test_unknown_model():
     with pytest.raises(ValueError, match="neither a preset"):
         run_bench("no-such-model", device="cpu", progress=False)
@@ -186,6 +200,16 @@ def test_time_at_max_batch_backs_off_after_out_of_memory(monkeypatch):
     with pytest.raises(torch.OutOfMemoryError):
         bench.time_at_max_batch(None, 5000, 64, "cpu", tries=2)
     assert tried == [5000, 4750]
+
+    def broken_step(model, batch, context, device):  # not an out-of-memory error: no retry
+        tried.append(batch)
+        raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
+
+    tried.clear()
+    monkeypatch.setattr(bench, "time_full_step", broken_step)
+    with pytest.raises(RuntimeError, match="EXECUTION_FAILED"):
+        bench.time_at_max_batch(None, 1000, 64, "cpu")
+    assert tried == [1000]
 
 
 def test_compile_times_generate_and_step_rows(tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
 """``BatchedHFLM`` answers every log-likelihood request exactly as the harness's own ``HFLM`` does."""
 
+import copy
 import os
 from pathlib import Path
 
@@ -68,11 +69,34 @@ def test_batched_equals_hflm(model_and_tokenizer, batch_size):
     assert got[len(requests) - len(extra)][1] is True, f"the model's greedy continuation {greedy!r} is greedy"
 
 
+def test_batched_rounds_half_precision_sums_as_hflm(model_and_tokenizer):
+    """In bf16 HFLM's answer is the sum rounded to bf16 (ties included); ours is the same number."""
+    model, tok = model_and_tokenizer
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    requests = _task_requests(limit=4)
+    got = BatchedHFLM(pretrained=half, tokenizer=tok, backend="causal", batch_size=8).loglikelihood(requests)
+    want = HFLM(pretrained=half, tokenizer=tok, backend="causal", batch_size=8).loglikelihood(requests)
+    same = sum(a == b for a, b in zip(got, want))
+    assert same >= 0.95 * len(requests), f"only {same} of {len(requests)} answers equal HFLM's"
+
+
+def test_request_longer_than_the_window_is_refused(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    lm = BatchedHFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=2, max_length=16)
+    with pytest.raises(ValueError, match=r"max_length \(16\).*got \d+ and 17"):
+        lm._loglikelihood_tokens([(("a", "b"), [1, 2], list(range(3, 20)))])
+
+
 def test_run_tasks_uses_batched_scoring(model_and_tokenizer, monkeypatch):
     """``run_tasks`` scores through ``BatchedHFLM``: its results equal the harness's ``HFLM`` on the same model."""
     model, tok = model_and_tokenizer
+    calls = []
+    batched = BatchedHFLM._loglikelihood_tokens
+    monkeypatch.setattr("mlkv.harness.BatchedHFLM._loglikelihood_tokens",
+                        lambda self, *a, **k: calls.append(type(self)) or batched(self, *a, **k))
     ours = ev.run_tasks(model, ["piqa", "lambada_openai"], limit=8, batch_size=4, data_dir=DATA, tokenizer=tok,
                         bootstrap_iters=0)
+    assert calls and set(calls) == {BatchedHFLM}
     monkeypatch.setattr("mlkv.harness.BatchedHFLM._loglikelihood_tokens", HFLM._loglikelihood_tokens)
     theirs = ev.run_tasks(model, ["piqa", "lambada_openai"], limit=8, batch_size=4, data_dir=DATA, tokenizer=tok,
                           bootstrap_iters=0)

@@ -148,3 +148,20 @@ def test_a_run_stopped_by_sigterm_keeps_its_time(tmp_path, monkeypatch):
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert json.loads((tmp_path / "run" / "timing.json").read_text())["earlier_seconds"] >= 0.2
     assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
+@needs_data
+def test_a_training_stopped_by_a_signal_is_not_marked_done(tmp_path, monkeypatch):
+    """``train`` takes SIGTERM itself (it saves a checkpoint and returns ``interrupted``): the stage must stay
+    unfinished for the resume, and the pipeline stop with the signal's exit code instead of going on."""
+    import signal
+
+    import mlkv.train
+
+    monkeypatch.setattr(mlkv.train, "train", lambda cfg: {"interrupted": True, "stop_signal": signal.SIGTERM,
+                                                          "steps": 3})
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce(small(tmp_path / "run"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "run" / "base" / "done.json").exists()
+    assert json.loads((tmp_path / "run" / "timing.json").read_text())["earlier_seconds"] >= 0

@@ -201,11 +201,11 @@ def time_at_max_batch(model, batch: int, context: int, device, backoff: float = 
     for attempt in range(tries):
         try:
             return {**time_full_step(model, b, context, device), "max_batch": batch, "backoffs": attempt}
-        except torch.OutOfMemoryError:
-            if attempt == tries - 1 or b <= 1:
+        except RuntimeError as err:  # torch.OutOfMemoryError, or cuBLAS/cuDNN failing to allocate a workspace
+            if not _is_oom(err) or attempt == tries - 1 or b <= 1:
                 raise
-            _free_cuda()
-            b = max(1, int(b * backoff))
+        _free_cuda()  # outside the except: its traceback no longer holds the failed step's tensors
+        b = max(1, int(b * backoff))
     raise AssertionError("unreachable")
 
 
@@ -412,6 +412,8 @@ def _base(model_or_preset):
         config = AutoConfig.from_pretrained(path)
         if not isinstance(config, MLKVConfig):
             raise ValueError(f"{path} holds a {type(config).__name__}, not an mlkv model: convert it first")
+        if not any(path.glob("*.safetensors")):  # a config alone: its shape, random weights (speed does not care)
+            return config, None, f"config {path} (no weights: random)"
         return config, path, f"checkpoint {path}"
     raise ValueError(f"model ({name!r}) is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory")
 

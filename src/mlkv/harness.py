@@ -11,9 +11,9 @@ tokenization, metrics).
 ``BatchedHFLM`` keeps everything of ``HFLM`` (the same ``Collator`` ordering, batching, left truncation to
 ``max_length``, one-token-continuation grouping, cache hook, progress bar) and changes only the scoring of a batch:
 the positions every request scores are gathered first, log-softmax and argmax run once over those rows, and the
-results come back to the host in one read per batch. The answers are the same numbers (sums of the same float32
-log-probabilities, summed on the host in float64 instead of on the device in float32). Seq2seq models and
-``batch_size="auto"`` fall back to ``HFLM``'s own loop.
+results come back to the host in one read per batch. The answers are the same numbers up to the order of summation
+(each request's log-probabilities are summed in float32 and rounded to the model's dtype, as ``HFLM`` does). Seq2seq
+models and ``batch_size="auto"`` fall back to ``HFLM``'s own loop.
 """
 
 from __future__ import annotations
@@ -54,6 +54,10 @@ class BatchedHFLM(HFLM):
         for chunk in re_ord.get_batched(n=self.batch_size):
             # Inputs as HFLM builds them: (context + continuation), cut from the left to max_length + 1, less the
             # last token; right-padded with zeros, which leaves a causal model's logits at real positions as they are.
+            for _, ctx, cont in chunk:  # HFLM asserts the same: else the positions below would wrap around
+                if not ctx or not cont or len(cont) > self.max_length:
+                    raise ValueError(f"a log-likelihood request needs a non-empty context and a continuation of 1 to "
+                                     f"max_length ({self.max_length}) tokens; got {len(ctx)} and {len(cont)}")
             inputs = [(ctx + cont)[-(self.max_length + 1):][:-1] for _, ctx, cont in chunk]
             ids = torch.zeros((len(inputs), max(map(len, inputs))), dtype=torch.long)  # (B, W)
             for row, inp in enumerate(inputs):
@@ -77,11 +81,15 @@ class BatchedHFLM(HFLM):
             logprobs = F.log_softmax(scored, dim=-1, dtype=self.softmax_dtype)  # (N, V)
             token_logprob = logprobs.gather(-1, target[:, None]).squeeze(-1)  # (N,)
             greedy = logprobs.argmax(dim=-1) == target  # (N,)
-            token_logprob, greedy = token_logprob.float().cpu().tolist(), greedy.cpu().tolist()  # one read a batch
+            # Back to the host once a batch; float32 holds every value of the half dtypes exactly.
+            token_logprob, greedy = token_logprob.float().cpu(), greedy.cpu().tolist()
 
             start = 0
             for req_str, n in answers:
-                answer = (float(sum(token_logprob[start:start + n])), all(greedy[start:start + n]))
+                # HFLM's float(logits.sum()): summed with float32 accumulation, rounded to the log-probabilities'
+                # dtype (bf16 answers differ by up to 0.25 nats without the rounding)
+                total = float(token_logprob[start:start + n].sum().to(logprobs.dtype))
+                answer = (total, all(greedy[start:start + n]))
                 start += n
                 results.append(answer)
                 if req_str is not None:  # loglikelihood_rolling's windows have no cache key (HFLM skips them too)

@@ -128,8 +128,8 @@ def stage_base(s: Settings, data: Path, out: Path) -> Path:
     if _done(folder):
         _say("base: done, skipping")
         return folder
-    if folder.exists():
-        shutil.rmtree(folder)  # an unfinished base
+    if folder.exists() and (s.base or not (folder / "checkpoint").exists()):
+        shutil.rmtree(folder)  # an unfinished base that has no checkpoint to resume from
     if s.base:
         from .convert import convert_checkpoint
 
@@ -148,9 +148,21 @@ def stage_base(s: Settings, data: Path, out: Path) -> Path:
     MLKVConfig(**shape).save_pretrained(cfg_dir)
     _say(f"base: pretraining a 12x12 MHA model (hidden {s.hidden_size}) for {s.base_tokens} tokens")
     summary = train(TrainConfig(model=str(cfg_dir), out=str(folder), **_train_common(s, data),
-                                tokens=s.base_tokens, lr=6e-4 if not s.smoke else 3e-3, warmup_ratio=0.05))
-    _mark_done(folder, _brief(summary))
+                                tokens=s.base_tokens, lr=6e-4 if not s.smoke else 3e-3, warmup_ratio=0.05,
+                                resume=(folder / "checkpoint").exists()))
+    _finish_training(folder, summary, _brief(summary))
     return folder
+
+
+def _finish_training(folder: Path, summary: dict, info: dict) -> None:
+    """Mark a training run done -- unless a signal stopped it. ``train`` takes SIGTERM/SIGINT itself to save a
+    checkpoint and returns; the run is then left unfinished for the next invocation to resume, and the pipeline
+    stops with the signal's exit code."""
+    if summary.get("interrupted"):
+        signum = summary.get("stop_signal") or signal.SIGTERM
+        _say(f"{folder.name}: stopped by signal {signum} at step {summary.get('steps')}; a rerun resumes it")
+        sys.exit(128 + signum)
+    _mark_done(folder, info)
 
 
 def _train_common(s: Settings, data: Path) -> dict:
@@ -212,7 +224,7 @@ def stage_uptrain(s: Settings, data: Path, base: Path, converted: dict, out: Pat
         common["seed"] += r.get("seed", 0)  # another data order
         summary = train(TrainConfig(model=str(converted[(r["plan"], r["init"])]), out=str(folder), **common,
                                     tokens=s.uptrain_tokens, resume=(folder / "checkpoint").exists(), **extra))
-        _mark_done(folder, {**r, **_brief(summary)})
+        _finish_training(folder, summary, {**r, **_brief(summary)})
     return trained
 
 
@@ -313,7 +325,9 @@ def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> d
                     except Exception as err:  # noqa: BLE001 - retried alone below, which raises if it fails again
                         failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
                         _say(f"eval: {name} failed in a worker ({failed[name][:200]}); retried alone at the end")
-            except BaseException:  # Ctrl-C, SIGTERM: stop the queue; finished models' results stay on disk
+            except BaseException:  # Ctrl-C, SIGTERM: stop the queue and the workers; finished results stay on disk
+                for process in list((getattr(pool, "_processes", None) or {}).values()):
+                    process.terminate()  # spawned workers do not share this process's signal handler
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
         for name in failed:  # one at a time in this process, with the whole card
@@ -526,7 +540,8 @@ def render_report(results: dict) -> str:
                          + " |")
         if meta.get("errors"):
             # the first sentence of each (an allocator's OOM message runs to a paragraph; bench.json keeps it all)
-            lines += ["", "Benchmark errors: " + "; ".join(e.split(". ")[0] for e in meta["errors"])]
+            lines += ["", "Benchmark errors: " + "; ".join(re.split(r"(?<=[a-z0-9)])\. (?=[A-Z])", e)[0]
+                                                         for e in meta["errors"])]
         if bench.get("plans"):
             skipped = [f"{r['plan']}: {', '.join(r['skipped'])}" for r in bench["plans"] if r.get("skipped")]
             if skipped:
@@ -602,9 +617,14 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
         # Wall time over every invocation of this output folder: a run resumed across calls adds up.
         report = stage_report(s, out, evals, trained, bench, started - earlier, command)
     finally:
-        timing_path.write_text(json.dumps({"earlier_seconds": earlier + time.time() - started}))
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGTERM, on_term)
+        main_thread = threading.current_thread() is threading.main_thread()
+        if main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the write below
+        tmp = timing_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"earlier_seconds": earlier + time.time() - started}))
+        os.replace(tmp, timing_path)
+        if main_thread:
+            signal.signal(signal.SIGTERM, on_term if on_term is not None else signal.SIG_DFL)
     _say(f"report: {report}")
     return report
 
