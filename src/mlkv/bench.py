@@ -1036,7 +1036,8 @@ def _progress(total: int, enabled: bool):
 # ---- command line ---------------------------------------------------------------------------------------------------
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="DIR_OR_PRESET", nargs="?", default="pythia-160m",
-                        help="a preset (default pythia-160m, random weights) or a converted checkpoint directory")
+                        help="a preset (default pythia-160m, random weights), a converted checkpoint directory, "
+                             "or a directory holding only an mlkv config.json (its shape, random weights)")
     parser.add_argument("--plans", nargs="+", default=None,
                         help="sharing plans (names or comma lists; default: the paper's nine on a 12x12 shape)")
     parser.add_argument("--budget-gb", type=float, default=None, help="memory budget (default: the card's memory)")
