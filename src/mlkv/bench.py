@@ -569,8 +569,9 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
 
     hf_logging.set_verbosity_error()
 
-    def late() -> bool:
-        return deadline_s is not None and time.perf_counter() - t_start > deadline_s
+    def late(reserve_s: float = 0.0) -> bool:
+        """Past the deadline, or within ``reserve_s`` of it."""
+        return deadline_s is not None and time.perf_counter() - t_start + reserve_s > deadline_s
 
     errors: list[str] = []
     seed_of = {"generate": seed, "step": seed + 1000}
@@ -687,15 +688,12 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
         del model
         _free_cuda()
     if compile:  # last: one compilation per plan and run shape, each worth less than the measurements above
-        def compile_late() -> bool:
-            return deadline_s is not None and time.perf_counter() - t_start + COMPILE_RESERVE_S > deadline_s
-
         for plan, r in zip(plans, results):
             bar.set_description(f"{r['plan']}: compiled engine")
             if wanted is not None and r["plan"].lower() not in wanted and plan.structure not in wanted:
                 bar.update(1)
                 continue
-            if compile_late():
+            if late(COMPILE_RESERVE_S):
                 r["skipped"].append("compiled engine (deadline)")
                 bar.update(1)
                 continue
@@ -706,7 +704,7 @@ def run_bench(model_or_preset="pythia-160m", plans: Sequence | None = None, *, b
                         b = row["batch"]
                         if b > compile_max_batch:
                             continue
-                        if compile_late():
+                        if late(COMPILE_RESERVE_S):
                             r["skipped"].append(f"compiled engine {run} b={b} (deadline)")
                             continue
                         bar.set_description(f"{r['plan']}: compiled engine {run} b={b}")

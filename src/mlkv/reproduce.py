@@ -606,7 +606,8 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
     earlier = json.loads(timing_path.read_text())["earlier_seconds"] if timing_path.is_file() else 0.0
     # A run stopped by SIGTERM (`timeout`, a scheduler) still adds its time: SystemExit runs the `finally` below.
     on_term = signal.getsignal(signal.SIGTERM)
-    if threading.current_thread() is threading.main_thread():
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may install handlers
+    if main_thread:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         base = stage_base(s, data, out)
@@ -617,7 +618,6 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
         # Wall time over every invocation of this output folder: a run resumed across calls adds up.
         report = stage_report(s, out, evals, trained, bench, started - earlier, command)
     finally:
-        main_thread = threading.current_thread() is threading.main_thread()
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the write below
         tmp = timing_path.with_suffix(".json.tmp")
