@@ -50,6 +50,10 @@ def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     inits = results["init_comparison"]["MLKV-2"]
     assert set(inits["inits"]) == {"mean", "pairwise", "first"} and inits["best"] in inits["inits"]
     assert "## Conversion inits" in text
+    logs = {run: [json.loads(line) for line in (out / "uptrain" / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("MLKV-2-distill", "MLKV-2-lm")}
+    assert all(r["hidden"] > 0 for r in logs["MLKV-2-distill"] if "loss" in r)  # KL + 10 x hidden-state distance
+    assert all("hidden" not in r and "kl" not in r for r in logs["MLKV-2-lm"])
     capsys.readouterr()
     reproduce(small(out, tasks=["lambada_openai", "piqa"]))  # every stage is done: nothing is retrained
     log = capsys.readouterr().out
@@ -86,6 +90,9 @@ def test_plan_names_and_settings_guard(tmp_path):
     assert s.plans == ["MLKV-6", "MHA-144"] and s.distill_plans == ["MLKV-6"] and s.init_plans == ["MLKV-6"]
     tuned = settings_from_args(parse(["--out", str(tmp_path), "--init-seeds", "2", "--eval-workers", "3"]))
     assert tuned.init_seeds == 2 and tuned.eval_workers == 3
+    assert (tuned.uptrain_lr, tuned.distill_hidden) == (6e-4, 10.0)  # the paper's lr; hidden-state distillation
+    recipe = settings_from_args(parse(["--out", str(tmp_path), "--uptrain-lr", "1.2e-3", "--distill-hidden", "0"]))
+    assert (recipe.uptrain_lr, recipe.distill_hidden) == (1.2e-3, 0.0)
     smoke = settings_from_args(parse(["--out", str(tmp_path), "--smoke", "--plans", "MHA-144"]))
     assert smoke.distill_plans == [] and smoke.init_plans == []
     with pytest.raises(ValueError, match=r"--plans 6x1: mlkv reproduce runs the paper's configs"):
@@ -93,6 +100,8 @@ def test_plan_names_and_settings_guard(tmp_path):
     check_settings(Settings(out=str(tmp_path)), tmp_path)
     with pytest.raises(ValueError, match=r"made with other settings: hidden_size \(384 -> 512\)"):
         check_settings(Settings(out=str(tmp_path), hidden_size=512), tmp_path)
+    with pytest.raises(ValueError, match=r"distill_hidden \(10.0 -> 0.0\)"):
+        check_settings(Settings(out=str(tmp_path), distill_hidden=0.0), tmp_path)
 
 
 def test_eval_retries_a_failed_worker_alone(tmp_path, monkeypatch, capsys):

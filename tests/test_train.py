@@ -103,7 +103,7 @@ def test_chunked_kl_matches_full_logits():
     student, teacher = tiny_model(layers=2).train(), hf_neox(seed=3)
     ids = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(0))
     temperature, alpha = 2.0, 0.3
-    loss, lm, kl = LossModel(student, teacher, temperature, alpha, chunk_tokens=12)(ids)
+    loss, lm, kl, dist_h = LossModel(student, teacher, temperature, alpha, chunk_tokens=12)(ids)
     loss.backward()
     grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
@@ -117,12 +117,47 @@ def test_chunked_kl_matches_full_logits():
     ref_kl = (p_t * (p_t.log() - F.log_softmax(logits / temperature, -1))).sum(-1).mean()  # all T positions
     ref = alpha * temperature**2 * ref_kl + (1 - alpha) * ref_lm
     ref.backward()
-    assert kl > 0.01
+    assert kl > 0.01 and dist_h == 0  # no hidden-state term unless asked
     torch.testing.assert_close(lm, ref_lm.detach())
     torch.testing.assert_close(kl, ref_kl.detach())
     torch.testing.assert_close(loss.detach(), ref.detach())
     for got, p in zip(grads, student.parameters()):
         torch.testing.assert_close(got, p.grad)
+
+
+def test_hidden_state_distillation():
+    """``hidden_weight`` adds w * mean over decoder layers of |h_s - h_t|^2 / |h_t|^2 (embeddings skipped) to the
+    KL objective, with its gradient; a student equal to its teacher is at distance 0."""
+    teacher = tiny_model(layers=4, seed=1).eval()
+    student = tiny_model(layers=4, plan="mlkv-2").train()
+    own = student.state_dict()
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items()  # all but the K/V projections
+                             if k in own and v.shape == own[k].shape}, strict=False)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, lm, kl, dist_h = LossModel(student, teacher, hidden_weight=0.5)(ids)
+    loss.backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+
+    out_s = student(ids, use_cache=False, output_hidden_states=True)
+    with torch.no_grad():
+        out_t = teacher(ids, use_cache=False, output_hidden_states=True)
+    h_s, h_t = out_s.hidden_states, out_t.hidden_states
+    assert len(h_s) == 4 + 1 and torch.equal(h_s[0], h_t[0])  # embeddings + 4 layer outputs; embeddings shared
+    ref_h = torch.stack([(s - t).square().mean() / t.square().mean() for s, t in zip(h_s[1:], h_t[1:])]).mean()
+    ref_kl = F.kl_div(F.log_softmax(out_s.logits.float(), -1).flatten(0, 1),
+                      F.log_softmax(out_t.logits.float(), -1).flatten(0, 1), reduction="batchmean", log_target=True)
+    ref = ref_kl + 0.5 * ref_h
+    ref.backward()
+    assert dist_h > 1e-4
+    torch.testing.assert_close(dist_h, ref_h.detach())
+    torch.testing.assert_close(loss.detach(), ref.detach())
+    for got, p in zip(grads, student.parameters()):
+        torch.testing.assert_close(got, p.grad, msg=lambda m: f"gradient differs: {m}")
+    same = LossModel(tiny_model(layers=4, seed=1), teacher, hidden_weight=1.0)
+    assert same(ids)[3] == 0
+    with pytest.raises(ValueError, match="teacher of the student's shape"):
+        LossModel(tiny_model(layers=2, seed=1), teacher, hidden_weight=1.0)(ids)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------------
@@ -143,6 +178,8 @@ def test_errors(workdir, tmp_path, trained):
         train(cfg(objective="distill"))
     with pytest.raises(FileNotFoundError, match="--teacher"):
         train(cfg(objective="distill", teacher=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="--distill-hidden must be >= 0, got -1"):
+        train(cfg(objective="distill", teacher=str(trained[0]), distill_hidden=-1.0))
     with pytest.raises(ValueError, match="objective 'mse' is unknown"):
         train(cfg(objective="mse"))
     with pytest.raises(ValueError, match="--plan applies to a random init"):
@@ -257,7 +294,7 @@ def test_distill_self_teacher_zero_kl(workdir, tmp_path, trained):
                                 loss_chunk_tokens=64))
     record = read_metrics(tmp_path / "distill")[0]
     assert summary["origin"] == "checkpoint"
-    assert abs(record["kl"]) <= 1e-6
+    assert abs(record["kl"]) <= 1e-6 and abs(record["hidden"]) <= 1e-6  # hidden-state term on by default, also 0
     assert record["loss"] == pytest.approx(0.75 * record["lm_loss"], abs=1e-6)
 
 

@@ -9,7 +9,11 @@ finished work, and refuses an ``--out`` made with other settings):
 2. ``convert``: the base converted to the 9 paper configs (``mean`` init), plus ``pairwise`` and ``first`` for
    MLKV-6 and MLKV-2 (the init comparison).
 3. ``uptrain``: every converted model uptrained for the same token budget with the ``lm`` objective; the MLKV presets
-   also with ``distill`` (KL to the base model's logits) at equal tokens.
+   also with ``distill`` at equal tokens: KL to the base model's logits plus ``--distill-hidden`` (default 10) times
+   the layer-wise hidden-state distance to the base (``mlkv.train.hidden_distance``). The hidden-state term is what
+   makes distillation pay at this scale: on MLKV-6 it closes 36% of the base-to-LM gap against 9% for the KL alone
+   (``benchmarks/results/distill_variants_h200``). ``--uptrain-lr`` (default the paper's 6e-4) applies to every
+   uptraining run.
 4. ``eval``: Gutenberg validation perplexity, WikiText-2 word perplexity, and zero-shot LAMBADA, PIQA, ARC-Easy,
    SciQ and HellaSwag through lm-evaluation-harness (full sets unless ``--limit``).
 5. ``bench``: KV bytes, max batch and decode throughput per config on the engine (CUDA only).
@@ -70,6 +74,8 @@ class Settings:
     eval_batch_size: int = 32
     eval_workers: int | None = None  # models evaluated at once (processes); None: min(8, cores/2) on CUDA, 1 on CPU
     init_seeds: int = 1  # uptraining data orders per init in the init comparison (seed 0 is the main run)
+    uptrain_lr: float = 6e-4  # the paper's; 1.2e-3 was better for lm and distill at 4M tokens (distill_variants)
+    distill_hidden: float = 10.0  # weight of the hidden-state distance in the distill runs (0: KL only)
     bench: bool = True
     compile: bool = False
     device: str | None = None
@@ -207,8 +213,6 @@ def stage_convert(s: Settings, base: Path, out: Path) -> dict[tuple[str, str], P
 
 
 def stage_uptrain(s: Settings, data: Path, base: Path, converted: dict, out: Path) -> dict[str, Path]:
-    from .train import TrainConfig, train
-
     trained = {}
     for r in planned_runs(s):
         name = run_name(**r)
@@ -217,15 +221,25 @@ def stage_uptrain(s: Settings, data: Path, base: Path, converted: dict, out: Pat
         if _done(folder):
             continue
         _say(f"uptrain: {name} for {s.uptrain_tokens} tokens")
-        extra = dict(objective="distill", teacher=str(base)) if r["objective"] == "distill" else {}
-        if folder.exists() and not (folder / "checkpoint").exists():
-            shutil.rmtree(folder)  # stopped before its first checkpoint: start over
-        common = _train_common(s, data)
-        common["seed"] += r.get("seed", 0)  # another data order
-        summary = train(TrainConfig(model=str(converted[(r["plan"], r["init"])]), out=str(folder), **common,
-                                    tokens=s.uptrain_tokens, resume=(folder / "checkpoint").exists(), **extra))
-        _finish_training(folder, summary, {**r, **_brief(summary)})
+        extra = dict(objective="distill", teacher=str(base), distill_hidden=s.distill_hidden) \
+            if r["objective"] == "distill" else {}
+        uptrain_one(s, data, converted[(r["plan"], r["init"])], folder, r, seed=r.get("seed", 0), **extra)
     return trained
+
+
+def uptrain_one(s: Settings, data: Path, model: Path, folder: Path, info: dict, seed: int = 0, **train_args) -> None:
+    """Uptrain ``model`` into ``folder`` for the run's token budget (data order ``seed``), resuming a stopped run,
+    and mark it done with ``info``. ``train_args``: extra ``TrainConfig`` fields (objective, teacher, ...)."""
+    from .train import TrainConfig, train
+
+    if folder.exists() and not (folder / "checkpoint").exists():
+        shutil.rmtree(folder)  # stopped before its first checkpoint: start over
+    common = _train_common(s, data)
+    common["seed"] += seed  # another data order
+    train_args = {"lr": s.uptrain_lr, **train_args}
+    summary = train(TrainConfig(model=str(model), out=str(folder), **common, tokens=s.uptrain_tokens,
+                                resume=(folder / "checkpoint").exists(), **train_args))
+    _finish_training(folder, summary, {**info, **_brief(summary)})
 
 
 def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> None:
@@ -241,14 +255,22 @@ def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> No
     res = run_tasks(model, tasks, limit=s.limit, batch_size=s.eval_batch_size, data_dir=data, tokenizer=tok,
                     bootstrap_iters=0 if s.smoke else 100) if tasks else {"mlkv": {}}
     res["mlkv"]["perplexity"] = {
-        "gutenberg_val": perplexity_file(model, tok, data / "corpus" / "gutenberg" / "val.jsonl.xz",
-                                         max_length=s.seq_len, stride=s.seq_len // 2, batch_size=8,
-                                         limit=s.ppl_limit, max_tokens=s.ppl_max_tokens, document_level=False),
+        "gutenberg_val": gutenberg_perplexity(s, data, model, tok),
         "wikitext2": perplexity_file(model, tok, data / "eval" / "wikitext2" / "wiki.test.raw",
                                      max_length=s.seq_len, batch_size=8, limit=s.ppl_limit,
                                      max_tokens=s.ppl_max_tokens if s.smoke else None),
     }
     save_results(res, path)
+
+
+def gutenberg_perplexity(s: Settings, data: Path, model, tok) -> dict:
+    """Perplexity on the first ``ppl_max_tokens`` tokens of Gutenberg validation: windows of ``seq_len``, stride
+    half of it, the books concatenated (the report's in-domain quality measure)."""
+    from .evaluate import perplexity_file
+
+    return perplexity_file(model, tok, data / "corpus" / "gutenberg" / "val.jsonl.xz", max_length=s.seq_len,
+                           stride=s.seq_len // 2, batch_size=8, limit=s.ppl_limit, max_tokens=s.ppl_max_tokens,
+                           document_level=False)
 
 
 def _eval_worker(s: Settings, data: Path, name: str, folder: Path, path: Path, workers: int,
@@ -349,7 +371,7 @@ def stage_bench(s: Settings, out: Path) -> dict | None:
 
     _say("bench: memory and throughput per config (the base's shape; the engine only, see mlkv bench for HF)")
     result = run_bench(str(out / "base"), plans=list(s.plans), out_dir=str(out / "bench"), hf=False,
-                       compile=False, quick=True, batches=[1, 64], step_batches=[64], deadline_s=150, progress=False)
+                       compile=False, quick=True, batches=[1, 64], step_batches=[64], deadline_s=300, progress=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=str))
     return result
@@ -503,7 +525,11 @@ def render_report(results: dict) -> str:
             f"{_fmt(r['lambada_acc'], True)} ({_fmt(r['lambada_ppl'], digits=1)}) | {_fmt(r['piqa_acc'], True)} | "
             f"{_fmt(r['sciq_acc'], True)} | {_fmt(r['hellaswag_acc_norm'], True)} | {_fmt(r['avg_paper4'], True)} |")
     gap = results["distillation_gap"]
-    lines += ["", "## Distillation", ""]
+    st = results["settings"]
+    lines += ["", "## Distillation", "",
+              f"`distill`: KL to the base's logits + {st.get('distill_hidden', 0.0):g} x the layer-wise hidden-state "
+              f"distance to the base; every uptraining run at peak lr {st.get('uptrain_lr', 6e-4):g}, equal tokens.",
+              ""]
     for ref_name, g in (gap or {}).items():
         head = (f"- Against {ref_name} (Gutenberg val ppl {g['reference_ppl']:.2f}): LM-uptrained MLKV-6 has "
                 f"{g['lm_ppl']:.2f}, distilled MLKV-6 {g['distill_ppl']:.2f}; ")
@@ -569,7 +595,8 @@ def _card() -> str:
 # ---- the command ------------------------------------------------------------------------------------------------
 # Settings that change what the stages produce; a rerun into the same --out must keep them.
 RESULT_SETTINGS = ("base", "smoke", "hidden_size", "intermediate_size", "seq_len", "micro_batch_size", "base_tokens",
-                   "uptrain_tokens", "train_shards", "max_documents", "limit", "ppl_limit", "ppl_max_tokens", "seed")
+                   "uptrain_tokens", "train_shards", "max_documents", "limit", "ppl_limit", "ppl_max_tokens", "seed",
+                   "uptrain_lr", "distill_hidden")
 
 
 def check_settings(s: Settings, out: Path) -> None:
@@ -651,6 +678,11 @@ def add_reproduce_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
                         "on CPU)")
     p.add_argument("--init-seeds", type=int, default=None,
                    help="data orders per conversion init in the init comparison (default 1)")
+    p.add_argument("--uptrain-lr", type=float, default=None,
+                   help="peak learning rate of every uptraining run (default 6e-4, the paper's)")
+    p.add_argument("--distill-hidden", type=float, default=None,
+                   help="weight of the layer-wise hidden-state distance in the distill runs (default 10; 0 = KL "
+                        "only, as runs 1-3)")
     p.add_argument("--compile", action="store_true", help="torch.compile the training step")
     p.add_argument("--device", default=None)
     return p
@@ -662,7 +694,7 @@ def settings_from_args(args) -> Settings:
                      uptrain_tokens=args.uptrain_tokens, train_shards=args.train_shards, tasks=args.tasks,
                      limit=args.limit, ppl_limit=args.ppl_limit, plans=args.plans, device=args.device,
                      eval_batch_size=args.eval_batch_size, eval_workers=args.eval_workers,
-                     init_seeds=args.init_seeds)
+                     init_seeds=args.init_seeds, uptrain_lr=args.uptrain_lr, distill_hidden=args.distill_hidden)
     if args.no_bench:
         overrides["bench"] = False
     if args.compile:
