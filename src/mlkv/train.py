@@ -937,7 +937,10 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device, out: Path, datase
                                world_size=ctx.world)
     params = [p for p in run.engine.parameters() if p.requires_grad]
     interval = {"loss": 0.0, "lm": 0.0, "kl": 0.0, "hidden": 0.0, "steps": 0, "seconds": 0.0}
-    clock = {"last": time.perf_counter(), "ema": None}
+    # Step time: on CUDA, between the GPU completions of consecutive steps (an event recorded after each step), so that
+    # reading a step late, or two at once before an evaluation or the end, does not skew it; elsewhere, wall time
+    # between reads (the CPU runs synchronously).
+    clock = {"last": time.perf_counter(), "event": None, "ema": None}
 
     def finish(done: dict) -> bool:
         """Read one step's statistics (waits for its GPU work), stop on NaN/inf, log; True if a stop was asked.
@@ -952,8 +955,13 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device, out: Path, datase
                      if run.last_checkpoint else "no checkpoint was written")
             raise NonFiniteLossError(f"non-finite loss {loss_v} (gradient norm {norm_v}) at step {step_done}; "
                                      f"training stopped; {where}")
-        now = time.perf_counter()
-        seconds, clock["last"] = now - clock["last"], now
+        now, event = time.perf_counter(), done["event"]
+        if event is not None and clock["event"] is not None:
+            event.synchronize()
+            seconds = clock["event"].elapsed_time(event) / 1000.0
+        else:
+            seconds = now - clock["last"]
+        clock["last"], clock["event"] = now, event
         summary["losses"].append(loss_v)
         summary["step_seconds"].append(seconds)
         for key, value in (("loss", loss_v), ("lm", lm_v), ("kl", kl_v), ("hidden", hidden_v), ("steps", 1),
@@ -1009,6 +1017,9 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device, out: Path, datase
                 run.optimizer.step()
                 run.scheduler.step()
                 run.optimizer.zero_grad(set_to_none=True)
+                event = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
+                if event is not None:
+                    event.record()  # this step's GPU work is done when the stream reaches it
                 step += 1
                 run.samples_seen += per_rank * ctx.world
                 run.tokens_seen += tokens_per_step
@@ -1017,7 +1028,7 @@ def _train(cfg: TrainConfig, ctx: _Dist, device: torch.device, out: Path, datase
 
                 stop = finish(pending) if pending is not None else False
                 stop = stop or (ctx.world == 1 and run.stop_signal is not None)  # several ranks: agreed flag only
-                pending = {"step": step, "packed": packed, "lr": lr, "tokens": run.tokens_seen}
+                pending = {"step": step, "packed": packed, "lr": lr, "tokens": run.tokens_seen, "event": event}
                 evaluate = val_ds is not None and (step == run.total_steps or
                                                    (cfg.eval_every and step % cfg.eval_every == 0))
                 save = stop or step == end_step or (cfg.save_every and step % cfg.save_every == 0)
