@@ -3,8 +3,8 @@
 Issue #6 asks that distillation close at least half of the gap in Gutenberg validation perplexity between the base
 and LM-uptrained MLKV-6. `mlkv reproduce`'s `distill` (KL to the base's logits, temperature 1) closed 8-12% in three
 GPU runs, inside the spread between data orders. This script trains the reproduction's base exactly as
-`mlkv reproduce` does (same flags, same stages, same folders: point ``--out`` at a finished reproduction to reuse its
-base), converts it to ``--plan`` (mean init, as the reproduction), then uptrains it with each variant for the same
+`mlkv reproduce` does (same flags, same stages, same folders: point ``--out`` at a finished reproduction, with the
+settings it was made with, to reuse its base), converts it to ``--plan`` (mean init, as the reproduction), then uptrains it with each variant for the same
 tokens and ``--seeds`` data orders and scores Gutenberg validation perplexity (the report's measure):
 
 * ``lm``: next-token cross-entropy (the baseline).
@@ -13,8 +13,11 @@ tokens and ``--seeds`` data orders and scores Gutenberg validation perplexity (t
 * ``kd-t2``: KL at temperature 2 (scaled by T^2).
 * ``kd-h1``, ``kd-h10``, ``kd-h100``: KL plus 1, 10 or 100 times the layer-wise hidden-state distance to the teacher
   (``mlkv.train.hidden_distance``: mean over layers of ``|h_s - h_t|^2 / |h_t|^2``).
-* ``lm-lr2x``, ``kd-lr2x``, ``kd-h10-lr2x``: twice the learning rate (is the short uptraining limited by its step
+* ``lm-lr2x``, ``kd-lr2x``, ``kd-h10-lr2x``: twice ``--uptrain-lr`` (is the short uptraining limited by its step
   size instead?).
+
+Every variant sets its own distillation settings (``--distill-hidden`` of the reproduction does not apply here); the
+JSON records each variant's resolved training arguments and the resolved settings.
 
 Each run is resumable (a rerun skips finished runs). Prints a table (mean and per-seed perplexity, fraction of the
 gap closed against ``lm``) and ends with one JSON line, also written to ``--result``::
@@ -32,6 +35,7 @@ import json
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -49,10 +53,19 @@ VARIANTS = {
     "kd-h1": dict(objective="distill", distill_hidden=1.0),
     "kd-h10": dict(objective="distill", distill_hidden=10.0),
     "kd-h100": dict(objective="distill", distill_hidden=100.0),
-    "lm-lr2x": dict(lr=1.2e-3),
-    "kd-lr2x": dict(objective="distill", distill_hidden=0.0, lr=1.2e-3),
-    "kd-h10-lr2x": dict(objective="distill", distill_hidden=10.0, lr=1.2e-3),
+    "lm-lr2x": dict(lr_scale=2.0),
+    "kd-lr2x": dict(objective="distill", distill_hidden=0.0, lr_scale=2.0),
+    "kd-h10-lr2x": dict(objective="distill", distill_hidden=10.0, lr_scale=2.0),
 }
+
+
+def train_args(variant: str, uptrain_lr: float, teacher: str) -> dict:
+    """The ``TrainConfig`` fields of a variant, resolved: lr (``lr_scale`` x ``--uptrain-lr``), objective, teacher."""
+    args = dict(VARIANTS[variant])
+    args["lr"] = uptrain_lr * args.pop("lr_scale", 1.0)
+    if args.get("objective") == "distill":
+        args["teacher"] = teacher
+    return args
 
 
 def main() -> dict:
@@ -94,15 +107,13 @@ def main() -> dict:
         per_seed = []
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             folder = out / "distill_variants" / f"{plan}-{name}-s{seed}"
-            extra = dict(VARIANTS[name])
-            if extra.get("objective") == "distill":
-                extra["teacher"] = str(base)
+            extra = train_args(name, s.uptrain_lr, str(base))
             if not _done(folder):
                 _say(f"distill variants: {folder.name} for {s.uptrain_tokens} tokens")
                 uptrain_one(s, data, converted, folder, {"variant": name, "seed": seed}, seed=seed, **extra)
             per_seed.append(ppl(folder))
-        rows[name] = {"ppl": per_seed, "mean": statistics.mean(per_seed),
-                      "spread": max(per_seed) - min(per_seed), "settings": VARIANTS[name]}
+        rows[name] = {"ppl": per_seed, "mean": statistics.mean(per_seed), "spread": max(per_seed) - min(per_seed),
+                      "train_args": train_args(name, s.uptrain_lr, str(base))}
     base_ppl = ppl(base)
 
     lm = rows.get("lm", {}).get("mean")
@@ -114,7 +125,8 @@ def main() -> dict:
         cells = " ".join(f"{p:.2f}" for p in r["ppl"])
         print(f"{name:>9} {r['mean']:>9.2f} {cells:>22} {'-' if closed is None else f'{closed:.1%}':>11}")
     report = {"benchmark": "distill_variants", "plan": plan, "base_ppl": base_ppl, "seeds": args.seeds,
-              "uptrain_tokens": s.uptrain_tokens, "settings": vars(args), "variants": rows,
+              "uptrain_tokens": s.uptrain_tokens, "settings": asdict(s), "plan_uptrained": plan,
+              "first_seed": args.first_seed, "variants": rows,
               "seconds": round(time.time() - started, 1), "device": _device()}
     return finish(report, Path(args.result) if args.result else out / "distill_variants.json")
 

@@ -102,6 +102,16 @@ def test_plan_names_and_settings_guard(tmp_path):
         check_settings(Settings(out=str(tmp_path), hidden_size=512), tmp_path)
     with pytest.raises(ValueError, match=r"distill_hidden \(10.0 -> 0.0\)"):
         check_settings(Settings(out=str(tmp_path), distill_hidden=0.0), tmp_path)
+    # A folder from before --uptrain-lr / --distill-hidden existed (runs 1-3): logits-only distillation at 6e-4.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    check_settings(Settings(out=str(legacy)), legacy)
+    saved = json.loads((legacy / "settings.json").read_text())
+    (legacy / "settings.json").write_text(json.dumps({k: v for k, v in saved.items()
+                                                      if k not in ("uptrain_lr", "distill_hidden")}))
+    check_settings(Settings(out=str(legacy), distill_hidden=0.0), legacy)  # resumes as it was made
+    with pytest.raises(ValueError, match=r"distill_hidden \(0.0 -> 10.0\)"):
+        check_settings(Settings(out=str(legacy)), legacy)
 
 
 def test_eval_retries_a_failed_worker_alone(tmp_path, monkeypatch, capsys):

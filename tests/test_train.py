@@ -299,6 +299,29 @@ def test_distill_self_teacher_zero_kl(workdir, tmp_path, trained):
 
 
 @needs_data
+def test_resume_keeps_the_loss_and_teacher_shape_is_checked_first(workdir, tmp_path, trained):
+    """A distill run resumes only under the loss it started with (a checkpoint from before ``distill_hidden``
+    existed counts as 0); a teacher of another depth fails before any data is read, naming the way out."""
+    out = tmp_path / "kd"
+    kd = dict(model=trained[0], steps=2, objective="distill", teacher=str(trained[0]), loss_chunk_tokens=64)
+    train(make_config(workdir, out, stop_after_steps=1, distill_hidden=0.0, **kd))
+    with pytest.raises(ValueError, match=r"started with another loss \(--distill-hidden 0.0 -> 10.0\)"):
+        train(make_config(workdir, out, resume=True, **kd))
+    state_file = out / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["distill_hidden"]  # as written before the setting existed
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"--distill-hidden 0.0 -> 10.0"):
+        train(make_config(workdir, out, resume=True, **kd))
+    assert train(make_config(workdir, out, resume=True, distill_hidden=0.0, **kd))["steps"] == 2
+
+    deep = train(make_config(workdir, tmp_path / "deep", steps=1,
+                             model=write_config(workdir, "deep.json", num_hidden_layers=3)))["out"]
+    with pytest.raises(ValueError, match=r"teacher has 3 layers of 32, the student 2 of 32 \(use --distill-hidden 0"):
+        train(make_config(workdir, tmp_path / "shape", **{**kd, "teacher": deep, "data": ["/nonexistent.jsonl"]}))
+
+
+@needs_data
 def test_nan_stops_and_keeps_checkpoint(workdir, tmp_path):
     def poison(step, model):  # a NaN gradient in step 3
         if step == 3:

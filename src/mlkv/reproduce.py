@@ -599,12 +599,16 @@ RESULT_SETTINGS = ("base", "smoke", "hidden_size", "intermediate_size", "seq_len
                    "uptrain_lr", "distill_hidden")
 
 
+#: Settings that folders written before they existed were made with (runs 1-3: logits-only distillation).
+LEGACY_SETTINGS = {"uptrain_lr": 6e-4, "distill_hidden": 0.0}
+
+
 def check_settings(s: Settings, out: Path) -> None:
     """Record the result-shaping settings in ``out/settings.json``; refuse a rerun that changes them."""
     path = out / "settings.json"
     mine = {k: getattr(s, k) for k in RESULT_SETTINGS}
     if path.is_file():
-        theirs = json.loads(path.read_text())
+        theirs = {**LEGACY_SETTINGS, **json.loads(path.read_text())}
         changed = [f"{k} ({theirs.get(k)!r} -> {mine[k]!r})" for k in RESULT_SETTINGS if theirs.get(k) != mine[k]]
         if changed:
             raise ValueError(f"{out} was made with other settings: {', '.join(changed)}; use another --out or the "
