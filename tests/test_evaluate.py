@@ -240,6 +240,38 @@ def test_run_tasks_limit_20(tiny_dir, tmp_path):
     assert f"{100 * lambada['acc,none']:.2f} ({lambada['perplexity,none']:.1f})" in text
 
 
+def test_request_cache_gives_the_same_results_without_rebuilding(tiny, tmp_path, monkeypatch):
+    """Full-set evaluations share the harness's built requests through ``request_cache``: the second evaluation
+    builds nothing and scores the same; the cache folder's name follows the task data files."""
+    model, tok = tiny
+    cache = tmp_path / "requests"
+    kwargs = dict(batch_size=64, tokenizer=tok, bootstrap_iters=0)
+    plain = ev.run_tasks(model, ["openbookqa"], **kwargs)  # 500 questions: the whole set
+    built = ev.build_request_cache(["openbookqa"], cache)
+    assert plain["mlkv"]["request_cache"] is None and [p.name for p in cache.iterdir()] == [built.name]
+    assert len(list(built.iterdir())) == 1
+    constructed = []
+    real = ConfigurableTask.construct_requests
+    monkeypatch.setattr(ConfigurableTask, "construct_requests",
+                        lambda self, *a, **k: constructed.append(1) or real(self, *a, **k))
+    cached = ev.run_tasks(model, ["openbookqa"], request_cache=cache, **kwargs)
+    assert not constructed, "the requests were built again"
+    assert cached["mlkv"]["request_cache"] == str(built)
+    assert cached["results"]["openbookqa"] == plain["results"]["openbookqa"]
+    limited = ev.run_tasks(model, ["openbookqa"], limit=5, request_cache=cache, **kwargs)
+    assert limited["mlkv"]["request_cache"] is None and len(constructed) == 5  # --limit: no cache, 5 built
+
+    copy = tmp_path / "data"
+    (copy / "eval" / "openbookqa").mkdir(parents=True)
+    rel = converters.TASK_FILES["openbookqa"][0]
+    (copy / rel).write_bytes((DATA / rel).read_bytes())
+    first = ev.request_cache_dir(cache, ["openbookqa"], copy)
+    assert first != built  # another data folder
+    with open(copy / rel, "a") as f:
+        f.write("\n")
+    assert ev.request_cache_dir(cache, ["openbookqa"], copy) != first  # the file changed
+
+
 def test_mlkv_checkpoint_through_harness(tmp_path):
     """An MLKV checkpoint loads through AutoModelForCausalLM and reports its shared KV cache."""
     from mlkv import MLKVForCausalLM, preset_config

@@ -69,6 +69,32 @@ def test_batched_equals_hflm(model_and_tokenizer, batch_size):
     assert got[len(requests) - len(extra)][1] is True, f"the model's greedy continuation {greedy!r} is greedy"
 
 
+def test_batched_tokenization_equals_hflm(model_and_tokenizer, monkeypatch):
+    """The ids that reach the scoring are HFLM's, for real task requests, an empty context, a context ending in
+    spaces and a BOS-prefixed one; and ours come from batched calls, not one ``encode`` per string."""
+    model, tok = model_and_tokenizer
+    extra, _ = _greedy_and_grouped_requests(model, tok)
+    extra += [Instance("loglikelihood", {}, args, 100 + i) for i, args in enumerate(
+        [("", " Hello world"), ("Question:  ", " two spaces"), ("<|endoftext|>The end", " is near"), ("x\n", "\ny")])]
+    requests = _task_requests(limit=20) + extra
+    seen = {}
+
+    def capture(self, reqs, disable_tqdm=False, override_bs=None):
+        seen[type(self)] = reqs
+        return [(0.0, False)] * len(reqs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", capture)
+    monkeypatch.setattr(BatchedHFLM, "_loglikelihood_tokens", capture)
+    HFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=4).loglikelihood(requests)
+    encodes = []
+    real_encode = type(tok).encode
+    monkeypatch.setattr(type(tok), "encode", lambda self, *a, **k: encodes.append(a) or real_encode(self, *a, **k))
+    BatchedHFLM(pretrained=model, tokenizer=tok, backend="causal", batch_size=4).loglikelihood(requests)
+    assert len(seen[BatchedHFLM]) == len(requests) > 100
+    assert seen[BatchedHFLM] == seen[HFLM]
+    assert not encodes, f"{len(encodes)} strings were encoded one by one"
+
+
 def test_batched_rounds_half_precision_sums_as_hflm(model_and_tokenizer):
     """In bf16 HFLM's answer is the sum rounded to bf16 (ties included); ours is the same number."""
     model, tok = model_and_tokenizer

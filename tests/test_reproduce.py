@@ -62,6 +62,20 @@ def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
 
 
 @needs_data
+def test_full_task_sets_build_their_requests_once(tmp_path, capsys):
+    """Without --limit the harness's requests are built once, before the evaluations, which all load them."""
+    s = Settings.smoke_settings(str(tmp_path / "run"), data_dir=str(DATA), plans=["MHA-144"], distill_plans=[],
+                                init_plans=[], tasks=["openbookqa"])
+    s.limit = None  # the whole 500-question set
+    reproduce(s)
+    assert "eval: building the requests of openbookqa once" in capsys.readouterr().out
+    for name in ("base", "MHA-144-lm"):
+        res = json.loads((tmp_path / "run" / "eval" / f"{name}.json").read_text())
+        assert res["mlkv"]["request_cache"].startswith(str(tmp_path / "run" / "lm_eval_requests" / "requests-"))
+        assert res["n-samples"]["openbookqa"]["effective"] == 500
+
+
+@needs_data
 def test_base_from_a_local_hf_checkpoint_skips_pretraining(tmp_path):
     torch.manual_seed(0)
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=48, num_hidden_layers=12,

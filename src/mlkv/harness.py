@@ -9,11 +9,17 @@ On one H200, 8 concurrent full-set evaluations (ARC-Easy, LAMBADA, PIQA, SciQ, H
 tokenization, metrics).
 
 ``BatchedHFLM`` keeps everything of ``HFLM`` (the same ``Collator`` ordering, batching, left truncation to
-``max_length``, one-token-continuation grouping, cache hook, progress bar) and changes only the scoring of a batch:
-the positions every request scores are gathered first, log-softmax and argmax run once over those rows, and the
-results come back to the host in one read per batch. The answers are the same numbers up to the order of summation
-(each request's log-probabilities are summed in float32 and rounded to the model's dtype, as ``HFLM`` does). Seq2seq
-models and ``batch_size="auto"`` fall back to ``HFLM``'s own loop.
+``max_length``, one-token-continuation grouping, cache hook, progress bar) and changes two things:
+
+* the scoring of a batch: the positions every request scores are gathered first, log-softmax and argmax run once
+  over those rows, and the results come back to the host in one read per batch. The answers are the same numbers up
+  to the order of summation (each request's log-probabilities are summed in float32 and rounded to the model's
+  dtype, as ``HFLM`` does). Seq2seq models and ``batch_size="auto"`` fall back to ``HFLM``'s own loop.
+* the tokenization: ``HFLM.loglikelihood`` encodes each request twice (context + continuation, then the context),
+  one Python call at a time -- 22.6 s of host time for the 62,494 requests of the full task sets
+  (``benchmarks/eval_host_cost.py``). Here every distinct string is encoded once, in one batched call of the fast
+  tokenizer, before ``HFLM.loglikelihood`` runs; its ``tok_encode`` calls then find their ids ready. The ids are
+  the ones ``tok_encode`` gives (same special-token rule; tested on real task requests).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from lm_eval.models.huggingface import HFLM
-from lm_eval.models.utils import Collator
+from lm_eval.models.utils import Collator, _add_special_kwargs, has_bos_prefix
 from tqdm.auto import tqdm
 
 Request = tuple[tuple[str, str], list[int], list[int]]  # ((context, continuation) strings, context ids, cont. ids)
@@ -39,7 +45,57 @@ def _one_token_group(req: Request) -> list[int]:
 
 
 class BatchedHFLM(HFLM):
-    """``HFLM`` whose causal log-likelihood scoring reads each batch's results back at once (see the module doc)."""
+    """``HFLM`` whose causal log-likelihood scoring reads each batch's results back at once, and whose tokenization
+    of log-likelihood requests runs as one batched call (see the module doc)."""
+
+    _encoded: dict[tuple[str, bool | None], list[int]] | None = None  # set during loglikelihood only
+    _bos: str | None = None
+
+    def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        if self.backend != "causal" or not getattr(self.tokenizer, "is_fast", False):
+            return super().loglikelihood(requests, disable_tqdm)
+        self._bos = self.tokenizer.decode(self.prefix_token_id)  # tok_encode's test for a leading BOS, once
+        self._encoded = self._encode_all(req.args for req in requests)
+        try:
+            return super().loglikelihood(requests, disable_tqdm)
+        finally:
+            self._encoded = None
+
+    def _encode_all(self, pairs) -> dict[tuple[str, bool | None], list[int]]:
+        """The ids of every string ``HFLM.loglikelihood`` will encode, keyed by (string, add_special_tokens)."""
+        wanted = set()
+        for context, continuation in pairs:
+            if not context:  # HFLM encodes the continuation alone, without special tokens
+                wanted.add((continuation, False))
+                continue
+            spaces = len(context) - len(context.rstrip())  # HFLM._encode_pair: trailing spaces join the continuation
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            wanted.update(((context + continuation, None), (context, None)))
+        groups: dict[bool | None, list[str]] = {}
+        for string, flag in wanted:
+            groups.setdefault(self._special_tokens(string, flag), []).append(string)
+        encoded = {}
+        for special, strings in groups.items():
+            kwargs = {} if special is None else {"add_special_tokens": special}
+            for string, ids in zip(strings, self.tokenizer(strings, **kwargs)["input_ids"], strict=True):
+                encoded[(string, special)] = ids
+        return encoded
+
+    def _special_tokens(self, string: str, add_special_tokens: bool | None) -> bool | None:
+        """``HFLM.tok_encode``'s rule for ``add_special_tokens`` (None: the tokenizer's default)."""
+        kwargs = _add_special_kwargs(add_special_tokens, self.add_bos_token)
+        if add_special_tokens is None and has_bos_prefix(string, self._bos):
+            kwargs["add_special_tokens"] = False
+        return kwargs.get("add_special_tokens")
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, left_truncate_len: int | None = None,
+                   **kwargs) -> list[int]:
+        if self._encoded is not None and not left_truncate_len and not kwargs:
+            ids = self._encoded.get((string, self._special_tokens(string, add_special_tokens)))
+            if ids is not None:
+                return list(ids)
+        return super().tok_encode(string, add_special_tokens, left_truncate_len, **kwargs)
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               override_bs: int | None = None) -> list[tuple[float, bool]]:

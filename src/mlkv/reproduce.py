@@ -15,7 +15,9 @@ finished work, and refuses an ``--out`` made with other settings):
    (``benchmarks/results/distill_variants_h200``). ``--uptrain-lr`` (default the paper's 6e-4) applies to every
    uptraining run.
 4. ``eval``: Gutenberg validation perplexity, WikiText-2 word perplexity, and zero-shot LAMBADA, PIQA, ARC-Easy,
-   SciQ and HellaSwag through lm-evaluation-harness (full sets unless ``--limit``).
+   SciQ and HellaSwag through lm-evaluation-harness (full sets unless ``--limit``). With full sets the harness's
+   requests are built once, before the evaluation processes start, into ``lm_eval_requests/``, and every
+   evaluation loads them (``mlkv.evaluate.build_request_cache``).
 5. ``bench``: KV bytes, max batch and decode throughput per config on the engine (CUDA only).
 6. ``report``: ``report.md``, ``results.json`` and plots (paper-style table, quality vs KV bytes Pareto plot,
    uptraining loss curves, max batch and throughput per config).
@@ -248,12 +250,9 @@ def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> No
     from .evaluate import load_model, perplexity_file, run_tasks, save_results
 
     model, tok = load_model(folder, s.device)
-    # The init comparison is judged on perplexity: its extra runs (other inits, other data orders) get no zero-shot
-    # tasks; the base and the main runs (mean init, data order 0) do.
-    main = {"base"} | {run_name(**r) for r in planned_runs(s) if r["init"] == "mean" and not r.get("seed")}
-    tasks = s.tasks if name in main else []
+    tasks = s.tasks if name in task_runs(s) else []
     res = run_tasks(model, tasks, limit=s.limit, batch_size=s.eval_batch_size, data_dir=data, tokenizer=tok,
-                    bootstrap_iters=0 if s.smoke else 100) if tasks else {"mlkv": {}}
+                    bootstrap_iters=0 if s.smoke else 100, request_cache=_request_cache(s)) if tasks else {"mlkv": {}}
     res["mlkv"]["perplexity"] = {
         "gutenberg_val": gutenberg_perplexity(s, data, model, tok),
         "wikitext2": perplexity_file(model, tok, data / "eval" / "wikitext2" / "wiki.test.raw",
@@ -261,6 +260,17 @@ def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> No
                                      max_tokens=s.ppl_max_tokens if s.smoke else None),
     }
     save_results(res, path)
+
+
+def task_runs(s: Settings) -> set[str]:
+    """The models that get zero-shot tasks: the base and the main runs (mean init, data order 0). The init comparison
+    is judged on perplexity, so its extra runs (other inits, other data orders) get none."""
+    return {"base"} | {run_name(**r) for r in planned_runs(s) if r["init"] == "mean" and not r.get("seed")}
+
+
+def _request_cache(s: Settings) -> Path | None:
+    """Where the evaluations share the harness's built requests (full task sets only; see mlkv.evaluate)."""
+    return Path(s.out) / "lm_eval_requests" if s.limit is None and s.tasks else None
 
 
 def gutenberg_perplexity(s: Settings, data: Path, model, tok) -> dict:
@@ -326,6 +336,11 @@ def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> d
     workers = min(eval_workers(s), max(1, len(todo)))
     if todo:
         _say(f"eval: {len(todo)} models, {workers} at a time")
+    if _request_cache(s) is not None and set(todo) & task_runs(s):  # built once here, loaded by every evaluation
+        from .evaluate import build_request_cache
+
+        _say(f"eval: building the requests of {', '.join(s.tasks)} once "
+             f"({build_request_cache(s.tasks, _request_cache(s), data)})")
     if workers == 1:
         for name in todo:
             _say(f"eval: {name}")
