@@ -25,8 +25,9 @@ Two kinds of numbers:
   ``mlkv.tasks.converters``). ``data_source="hub"`` uses the harness's built-in tasks and hub datasets instead.
   ``request_cache=DIR`` keeps the harness's built requests (prompts and continuations, the same for every model)
   in a subfolder of ``DIR`` named by a fingerprint of the task YAMLs, the task data files and the harness's
-  version; later full-set evaluations load them instead of building them again (45 s of host time per model for the
-  paper's five tasks). The harness stores them with ``dill`` (a pickle): point it only at a folder of your own.
+  version; later full-set evaluations load them instead of building them again (43.2 s of host time per model,
+  profiled, for the paper's five tasks; ``benchmarks/eval_host_cost.py``). The harness stores them with ``dill``
+  (a pickle): point it only at a folder of your own.
 
 Results are the harness's output dict plus an ``"mlkv"`` section (model, KV cache size, perplexities, ...);
 ``save_results`` writes them atomically, ``markdown_table`` renders one result, ``compare`` renders the MLKV
