@@ -17,9 +17,9 @@ tokenization, metrics).
   dtype, as ``HFLM`` does). Seq2seq models and ``batch_size="auto"`` fall back to ``HFLM``'s own loop.
 * the tokenization: ``HFLM.loglikelihood`` encodes each request twice (context + continuation, then the context),
   one Python call at a time: 21.1 s of host time (profiled) for the 62,494 requests of the full task sets, against
-  8.8 s here (``benchmarks/eval_host_cost.py``). Here every distinct string is encoded once, in one batched call of the fast
-  tokenizer, before ``HFLM.loglikelihood`` runs; its ``tok_encode`` calls then find their ids ready. The ids are
-  the ones ``tok_encode`` gives (same special-token rule; tested on real task requests).
+  8.8 s here (``benchmarks/eval_host_cost.py``). Here every distinct string is encoded once, in one batched call
+  of the fast tokenizer, before ``HFLM.loglikelihood`` runs; its ``tok_encode`` calls then find their ids ready.
+  The ids are the ones ``tok_encode`` gives (same special-token rule; tested on real task requests).
 """
 
 from __future__ import annotations
