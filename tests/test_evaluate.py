@@ -257,6 +257,8 @@ def test_request_cache_gives_the_same_results_without_rebuilding(tiny, tmp_path,
     cached = ev.run_tasks(model, ["openbookqa"], request_cache=cache, **kwargs)
     assert not constructed, "the requests were built again"
     assert cached["mlkv"]["request_cache"] == str(built)
+    import lm_eval.caching.cache
+    assert lm_eval.caching.cache.PATH != str(built)  # the harness's global folder is put back
     assert cached["results"]["openbookqa"] == plain["results"]["openbookqa"]
     limited = ev.run_tasks(model, ["openbookqa"], limit=5, request_cache=cache, **kwargs)
     assert limited["mlkv"]["request_cache"] is None and len(constructed) == 5  # --limit: no cache, 5 built

@@ -95,6 +95,18 @@ def test_batched_tokenization_equals_hflm(model_and_tokenizer, monkeypatch):
     assert not encodes, f"{len(encodes)} strings were encoded one by one"
 
 
+def test_tokenizers_that_special_case_single_strings_are_not_batched():
+    """Batched tokenization only where a list gives the ids of one string at a time: transformers' own encoding."""
+    from mlkv.harness import _batches_like_encode
+
+    class Infilling(PreTrainedTokenizerFast):  # like CodeLlama: its own single-string path
+        def _encode_plus(self, *args, **kwargs):
+            return super()._encode_plus(*args, **kwargs)
+
+    assert _batches_like_encode(PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER_FILE)))
+    assert not _batches_like_encode(Infilling(tokenizer_file=str(TOKENIZER_FILE)))
+
+
 def test_batched_rounds_half_precision_sums_as_hflm(model_and_tokenizer):
     """In bf16 HFLM's answer is the sum rounded to bf16 (ties included); ours is the same number."""
     model, tok = model_and_tokenizer

@@ -63,12 +63,13 @@ def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
 
 @needs_data
 def test_full_task_sets_build_their_requests_once(tmp_path, capsys):
-    """Without --limit the harness's requests are built once, before the evaluations, which all load them."""
+    """Without --limit the harness's requests are built once, before the evaluation processes start, and every
+    evaluation loads them."""
     s = Settings.smoke_settings(str(tmp_path / "run"), data_dir=str(DATA), plans=["MHA-144"], distill_plans=[],
-                                init_plans=[], tasks=["openbookqa"])
+                                init_plans=[], tasks=["openbookqa"], eval_workers=2)
     s.limit = None  # the whole 500-question set
     reproduce(s)
-    assert "eval: building the requests of openbookqa once" in capsys.readouterr().out
+    assert "eval: built the requests of openbookqa once" in capsys.readouterr().out
     for name in ("base", "MHA-144-lm"):
         res = json.loads((tmp_path / "run" / "eval" / f"{name}.json").read_text())
         assert res["mlkv"]["request_cache"].startswith(str(tmp_path / "run" / "lm_eval_requests" / "requests-"))

@@ -468,12 +468,17 @@ def task_manager(data_source: str = "local", data_dir: str | os.PathLike | None 
 
 def request_cache_dir(root: str | os.PathLike, names: Sequence[str], data_dir: str | os.PathLike | None) -> Path:
     """The folder under ``root`` for the harness's request cache of local tasks ``names``: its name is a fingerprint
-    of everything the built requests depend on (the task YAMLs, the data files' paths, sizes and modification
-    times, the harness's version), because the harness's own cache key is only the task name."""
+    of everything the built requests depend on (the task YAMLs and the converters that load their documents, the
+    data files' paths, sizes and modification times, the harness's and ``datasets``' versions), because the
+    harness's own cache key is only the task name. Cached requests are matched to freshly loaded documents by
+    position, so a stale cache would score old prompts against new labels."""
     import hashlib
 
+    import datasets
+
     lm_eval = _require_lm_eval()
-    parts = [getattr(lm_eval, "__version__", "")]
+    parts = [getattr(lm_eval, "__version__", ""), datasets.__version__]
+    parts += [path.read_text() for path in sorted(TASKS_DIR.glob("*.py"))]
     for name in sorted(names):
         parts.append((TASKS_DIR / f"{name}.yaml").read_text())
         for rel in TASK_FILES.get(name, ()):
@@ -508,10 +513,23 @@ def build_request_cache(tasks: str | Sequence[str], root: str | os.PathLike,
     manager = task_manager("local", data_dir)
     names = check_tasks(tasks, "local", manager)
     check_task_files(names, data_dir)
-    lm_eval.caching.cache.PATH = str(request_cache_dir(root, names, data_dir))
-    lm_eval.simple_evaluate(model=_RequestsOnly(), tasks=names, task_manager=manager, bootstrap_iters=0,
-                            cache_requests=True)
-    return Path(lm_eval.caching.cache.PATH)
+    folder = request_cache_dir(root, names, data_dir)
+    with _request_cache_path(folder):
+        lm_eval.simple_evaluate(model=_RequestsOnly(), tasks=names, task_manager=manager, bootstrap_iters=0,
+                                cache_requests=True)
+    return folder
+
+
+@contextlib.contextmanager
+def _request_cache_path(folder: Path):
+    """lm-eval's request cache is one module-level folder: point it at ``folder`` for a while, then back."""
+    import lm_eval.caching.cache as request_cache
+
+    old, request_cache.PATH = request_cache.PATH, str(folder)
+    try:
+        yield
+    finally:
+        request_cache.PATH = old
 
 
 def run_tasks(model, tasks: str | Sequence[str] = DEFAULT_TASKS, limit: int | None = None,
@@ -552,14 +570,12 @@ def run_tasks(model, tasks: str | Sequence[str] = DEFAULT_TASKS, limit: int | No
     lm = BatchedHFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
                      max_length=max_length)
     cached = request_cache is not None and limit is None and data_source == "local"
-    if cached:
-        import lm_eval.caching.cache
-
-        lm_eval.caching.cache.PATH = str(request_cache_dir(request_cache, names, data_dir))
-    output = lm_eval.simple_evaluate(
-        model=lm, tasks=names, limit=limit, task_manager=manager,
-        bootstrap_iters=bootstrap_iters, log_samples=log_samples, cache_requests=cached,
-    )
+    cache_folder = request_cache_dir(request_cache, names, data_dir) if cached else None
+    with _request_cache_path(cache_folder) if cached else contextlib.nullcontext():
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=names, limit=limit, task_manager=manager,
+            bootstrap_iters=bootstrap_iters, log_samples=log_samples, cache_requests=cached,
+        )
     output = dict(output)
     output["mlkv"] = {
         **describe_model(model, source),
@@ -571,7 +587,7 @@ def run_tasks(model, tasks: str | Sequence[str] = DEFAULT_TASKS, limit: int | No
         "device": str(_model_device(model)),
         "max_length": lm.max_length,
         "lm_eval_version": getattr(lm_eval, "__version__", None),
-        "request_cache": str(lm_eval.caching.cache.PATH) if cached else None,
+        "request_cache": str(cache_folder) if cached else None,
         "seconds": round(time.time() - start, 1),
     }
     return output

@@ -44,6 +44,14 @@ def _one_token_group(req: Request) -> list[int]:
     return req[-2] + req[-1][:-1]
 
 
+def _batches_like_encode(tokenizer) -> bool:
+    """A fast tokenizer whose single-string encoding is transformers' own, so ``tokenizer(list)`` gives the ids that
+    ``encode`` gives one string at a time (some subclasses special-case single strings, e.g. CodeLlama's infilling)."""
+    owner = next((c for c in type(tokenizer).__mro__ if "_encode_plus" in c.__dict__), None)
+    return bool(getattr(tokenizer, "is_fast", False)) and owner is not None and \
+        owner.__module__.startswith("transformers.tokenization_utils")
+
+
 class BatchedHFLM(HFLM):
     """``HFLM`` whose causal log-likelihood scoring reads each batch's results back at once, and whose tokenization
     of log-likelihood requests runs as one batched call (see the module doc)."""
@@ -52,7 +60,7 @@ class BatchedHFLM(HFLM):
     _bos: str | None = None
 
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
-        if self.backend != "causal" or not getattr(self.tokenizer, "is_fast", False):
+        if self.backend != "causal" or not _batches_like_encode(self.tokenizer):
             return super().loglikelihood(requests, disable_tqdm)
         self._bos = self.tokenizer.decode(self.prefix_token_id)  # tok_encode's test for a leading BOS, once
         self._encoded = self._encode_all(req.args for req in requests)
