@@ -108,6 +108,10 @@ def test_plan_names_and_settings_guard(tmp_path):
     assert (tuned.uptrain_lr, tuned.distill_hidden) == (6e-4, 10.0)  # the paper's lr; hidden-state distillation
     recipe = settings_from_args(parse(["--out", str(tmp_path), "--uptrain-lr", "1.2e-3", "--distill-hidden", "0"]))
     assert (recipe.uptrain_lr, recipe.distill_hidden) == (1.2e-3, 0.0)
+    with pytest.raises(ValueError, match=r"--uptrain-lr must be positive, got -0.001"):
+        settings_from_args(parse(["--out", str(tmp_path), "--uptrain-lr=-1e-3"]))
+    with pytest.raises(ValueError, match=r"--distill-hidden must be >= 0, got -1.0"):
+        settings_from_args(parse(["--out", str(tmp_path), "--distill-hidden=-1"]))
     smoke = settings_from_args(parse(["--out", str(tmp_path), "--smoke", "--plans", "MHA-144"]))
     assert smoke.distill_plans == [] and smoke.init_plans == []
     with pytest.raises(ValueError, match=r"--plans 6x1: mlkv reproduce runs the paper's configs"):

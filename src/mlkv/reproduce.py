@@ -730,6 +730,10 @@ def settings_from_args(args) -> Settings:
         s = Settings(out=args.out, **{k: v for k, v in overrides.items() if v is not None})
     s.distill_plans = [p for p in s.distill_plans if p in s.plans]
     s.init_plans = [p for p in s.init_plans if p in s.plans]
+    if s.uptrain_lr <= 0:  # checked here, not minutes later when the first uptraining starts
+        raise ValueError(f"--uptrain-lr must be positive, got {s.uptrain_lr}")
+    if s.distill_hidden < 0:
+        raise ValueError(f"--distill-hidden must be >= 0, got {s.distill_hidden}")
     return s
 
 

@@ -250,8 +250,11 @@ def _check_config(cfg: TrainConfig, have_datasets: bool) -> None:
         raise ValueError(f"--warmup-ratio must be in [0, 1), got {cfg.warmup_ratio}")
     if not 0.0 <= cfg.min_lr_ratio <= 1.0:
         raise ValueError(f"--min-lr-ratio must be in [0, 1], got {cfg.min_lr_ratio}")
-    if cfg.lr <= 0 or cfg.grad_clip < 0 or cfg.weight_decay < 0:
-        raise ValueError("lr must be positive and grad_clip, weight_decay non-negative")
+    if cfg.lr <= 0:
+        raise ValueError(f"--lr must be positive, got {cfg.lr}")
+    for name in ("grad_clip", "weight_decay"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(cfg, name)}")
     if not have_datasets and not cfg.data:
         raise ValueError("no training data: pass --data (files, folders or hf:<dataset> sources)")
 
