@@ -98,11 +98,12 @@ def test_flops_per_token():
     assert model_flops_per_token(model, 128) == 6 * n + 12 * 2 * 32 * 128
 
 
-def test_chunked_kl_matches_full_logits():
-    """The chunked, recomputed KL/CE equal the same quantities from whole (B, T, V) logits, gradients too."""
+@pytest.mark.parametrize("temperature, alpha", [(2.0, 0.3), (1.0, 1.0), (1.0, 0.5), (2.0, 1.0)])
+def test_chunked_kl_matches_full_logits(temperature, alpha):
+    """The chunked, recomputed KL/CE equal the same quantities from whole (B, T, V) logits, gradients too (at
+    temperature 1 the cross-entropy shares the KL's log-probabilities; at alpha 1 it has no gradient)."""
     student, teacher = tiny_model(layers=2).train(), hf_neox(seed=3)
     ids = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(0))
-    temperature, alpha = 2.0, 0.3
     loss, lm, kl, dist_h = LossModel(student, teacher, temperature, alpha, chunk_tokens=12)(ids)
     loss.backward()
     grads = [p.grad.clone() for p in student.parameters()]

@@ -407,15 +407,24 @@ class LossModel(nn.Module):
 
     def _chunk(self, hidden, targets, teacher_hidden):
         logits = self.model.get_output_embeddings()(hidden).float()  # (B, C, V)
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE)
         if teacher_hidden is None:
+            ce = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE)
             return ce, logits.new_zeros(())
         with torch.no_grad():
             teacher_logits = self.teacher.get_output_embeddings()(teacher_hidden).float()  # (B, C, V)
             teacher_logp = F.log_softmax(teacher_logits / self.temperature, dim=-1)
-        student_logp = F.log_softmax(logits / self.temperature, dim=-1)
+        student_logp = F.log_softmax(logits / self.temperature, dim=-1)  # (B, C, V)
         # KL(teacher || student) = sum_v p_t (log p_t - log p_s), summed over the chunk's tokens.
         kl = F.kl_div(student_logp.flatten(0, 1), teacher_logp.flatten(0, 1), reduction="sum", log_target=True)
+        # The cross-entropy from the same log-probabilities at temperature 1 (one pass over the (B, C, V) logits
+        # fewer), and without a gradient when alpha = 1, where it is only reported.
+        needs_grad = torch.is_grad_enabled() and self.alpha < 1.0
+        if self.temperature == 1.0:
+            logp = student_logp if needs_grad else student_logp.detach()
+        else:
+            with torch.set_grad_enabled(needs_grad):
+                logp = F.log_softmax(logits, dim=-1)  # (B, C, V)
+        ce = F.nll_loss(logp.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE)
         return ce, kl
 
 
