@@ -4,8 +4,9 @@ Issue #6 asks that distillation close at least half of the gap in Gutenberg vali
 and LM-uptrained MLKV-6. `mlkv reproduce`'s `distill` (KL to the base's logits, temperature 1) closed 8-12% in three
 GPU runs, inside the spread between data orders. This script trains the reproduction's base exactly as
 `mlkv reproduce` does (same flags, same stages, same folders: point ``--out`` at a finished reproduction, with the
-settings it was made with, to reuse its base), converts it to ``--plan`` (mean init, as the reproduction), then uptrains it with each variant for the same
-tokens and ``--seeds`` data orders and scores Gutenberg validation perplexity (the report's measure):
+settings it was made with, to reuse its base), converts it to ``--plan`` (mean init, as the reproduction), then
+uptrains it with each variant for the same tokens and ``--seeds`` data orders and scores Gutenberg validation
+perplexity (the report's measure):
 
 * ``lm``: next-token cross-entropy (the baseline).
 * ``kd``: KL(teacher || student), temperature 1 (the reproduction's ``distill``).
@@ -42,8 +43,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import finish  # noqa: E402
-from mlkv.reproduce import (_done, _say, add_reproduce_arguments, canonical_plans, check_settings,  # noqa: E402
-                            gutenberg_perplexity, resolve_data_dir, settings_from_args, stage_base, uptrain_one)
+from mlkv.reproduce import (_done, _mark_done, _say, add_reproduce_arguments, canonical_plans,  # noqa: E402
+                            check_settings, gutenberg_perplexity, resolve_data_dir, settings_from_args, stage_base,
+                            uptrain_one)
 
 VARIANTS = {
     "lm": {},
@@ -90,7 +92,7 @@ def main() -> dict:
     converted = out / "converted" / f"{plan}-mean"
     if not _done(converted):  # the reproduction's own folder and marker, so either reuses the other's
         convert_checkpoint(base, converted, plan=plan, init="mean")
-        (converted / "done.json").write_text(json.dumps({"plan": plan, "init": "mean"}))
+        _mark_done(converted, {"plan": plan, "init": "mean"})
 
     def ppl(folder: Path) -> float:
         path = folder / "gutenberg_ppl.json"

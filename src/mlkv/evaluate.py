@@ -497,7 +497,6 @@ def build_request_cache(tasks: str | Sequence[str], root: str | os.PathLike,
     It runs ``simple_evaluate`` itself, with a model that answers every request with a constant, so that the cache
     keys (which name the shots, the fewshot-as-multiturn flag and more) are exactly those of a real evaluation."""
     lm_eval = _require_lm_eval()
-    import lm_eval.caching.cache
     from lm_eval.api.model import LM
 
     class _RequestsOnly(LM):

@@ -336,15 +336,15 @@ def stage_eval(s: Settings, data: Path, models: dict[str, Path], out: Path) -> d
     workers = min(eval_workers(s), max(1, len(todo)))
     if todo:
         _say(f"eval: {len(todo)} models, {workers} at a time")
-    if workers > 1 and _request_cache(s) is not None and set(todo) & task_runs(s):
+    cache = _request_cache(s)
+    if workers > 1 and cache is not None and set(todo) & task_runs(s):
         # Built once here, before the processes start; loaded by every evaluation. (One process at a time: its first
         # evaluation builds it.) A complete cache from an earlier invocation is kept.
         from .evaluate import build_request_cache, request_cache_dir
 
-        folder = request_cache_dir(_request_cache(s), s.tasks, data)
+        folder = request_cache_dir(cache, s.tasks, data)
         if not all(any(folder.glob(f"requests-{task}-*")) for task in s.tasks):
-            built = build_request_cache(s.tasks, _request_cache(s), data)
-            _say(f"eval: built the requests of {', '.join(s.tasks)} once ({built})")
+            _say(f"eval: built the requests of {', '.join(s.tasks)} once ({build_request_cache(s.tasks, cache, data)})")
     if workers == 1:
         for name in todo:
             _say(f"eval: {name}")
