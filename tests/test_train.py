@@ -179,6 +179,10 @@ def test_errors(workdir, tmp_path, trained):
         train(cfg(objective="distill"))
     with pytest.raises(FileNotFoundError, match="--teacher"):
         train(cfg(objective="distill", teacher=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="--lr must be positive, got 0"):
+        train(cfg(lr=0.0))
+    with pytest.raises(ValueError, match="--weight-decay must be >= 0, got -0.1"):
+        train(cfg(weight_decay=-0.1))
     with pytest.raises(ValueError, match="--distill-hidden must be >= 0, got -1"):
         train(cfg(objective="distill", teacher=str(trained[0]), distill_hidden=-1.0))
     with pytest.raises(ValueError, match="objective 'mse' is unknown"):
