@@ -13,7 +13,7 @@ perplexity (the report's measure):
 * ``kd-a0.5``: half KL, half cross-entropy.
 * ``kd-t2``: KL at temperature 2 (scaled by T^2).
 * ``kd-h1``, ``kd-h10``, ``kd-h100``: KL plus 1, 10 or 100 times the layer-wise hidden-state distance to the teacher
-  (``mlkv.train.hidden_distance``: mean over layers of ``|h_s - h_t|^2 / |h_t|^2``).
+  (``mlkv.training.loop.hidden_distance``: mean over layers of ``|h_s - h_t|^2 / |h_t|^2``).
 * ``lm-lr2x``, ``kd-lr2x``, ``kd-h10-lr2x``: twice ``--uptrain-lr`` (is the short uptraining limited by its step
   size instead?).
 
@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import finish  # noqa: E402
-from mlkv.reproduce import (_done, _mark_done, _say, add_reproduce_arguments, canonical_plans,  # noqa: E402
+from mlkv.reproduce.pipeline import (_done, _mark_done, _say, add_reproduce_arguments, canonical_plans,  # noqa: E402
                             check_settings, gutenberg_perplexity, resolve_data_dir, settings_from_args, stage_base,
                             uptrain_one)
 
@@ -85,8 +85,8 @@ def main() -> dict:
     check_settings(s, out)
     started = time.time()
 
-    from mlkv.convert import convert_checkpoint
-    from mlkv.evaluate import load_model
+    from mlkv.model.convert import convert_checkpoint
+    from mlkv.evaluation.evaluate import load_model
 
     base = stage_base(s, data, out)
     converted = out / "converted" / f"{plan}-mean"

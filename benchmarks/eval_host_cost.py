@@ -31,9 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from report import finish  # noqa: E402
-from mlkv import evaluate as ev  # noqa: E402
-from mlkv.harness import BatchedHFLM  # noqa: E402
-from mlkv.tasks.converters import resolve_data_dir  # noqa: E402
+from mlkv.evaluation import evaluate as ev  # noqa: E402
+from mlkv.evaluation.harness import BatchedHFLM  # noqa: E402
+from mlkv.evaluation.tasks.converters import resolve_data_dir  # noqa: E402
 
 PHASES = {  # phase: the (file suffix, function) pairs whose cumulative times it adds up, in the profile
     "build requests": [("lm_eval/api/task.py", "build_all_requests")],

@@ -23,7 +23,7 @@ from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import mlkv  # noqa: F401  (registers the model)
 from mlkv.cli import print_table
-from mlkv.convert import build_model, convert_state
+from mlkv.model.convert import build_model, convert_state
 
 
 def matmul_tflops(device, n: int = 8192, iters: int = 10) -> float:

@@ -19,12 +19,12 @@ import tempfile
 from pathlib import Path
 
 try:
-    from mlkv.bench import add_bench_arguments, run_bench_command
+    from mlkv.inference.bench.run import add_bench_arguments, run_bench_command
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from mlkv.bench import add_bench_arguments, run_bench_command
+    from mlkv.inference.bench.run import add_bench_arguments, run_bench_command
 
-from mlkv.config import preset_config
+from mlkv.model.config import preset_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference import tiny_cpu_config  # noqa: E402
 from report import finish  # noqa: E402
-from mlkv.bench import DTYPES, _base, _bucket_arg, _build, _prompts, _sync  # noqa: E402
-from mlkv.engine import MLKVEngine  # noqa: E402
-from mlkv.sharing import resolve_plan  # noqa: E402
+from mlkv.inference.bench.run import DTYPES, _base, _bucket_arg, _build, _prompts, _sync  # noqa: E402
+from mlkv.inference.engine import MLKVEngine  # noqa: E402
+from mlkv.model.sharing import resolve_plan  # noqa: E402
 
 NAME_WIDTH = 70
 

@@ -11,7 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import mlkv  # noqa: F401
-from mlkv.convert import build_model, convert_state
+from mlkv.model.convert import build_model, convert_state
 
 
 def step(model, ids):

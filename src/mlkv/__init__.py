@@ -4,9 +4,9 @@
 ``AutoModelForCausalLM``.
 """
 
-from .config import PRESETS, MLKVConfig, preset_config
-from .modeling import MLKVForCausalLM, MLKVModel
-from .sharing import PAPER_PRESETS, SharingPlan, resolve_plan
+from mlkv.model.config import PRESETS, MLKVConfig, preset_config
+from mlkv.model.modeling import MLKVForCausalLM, MLKVModel
+from mlkv.model.sharing import PAPER_PRESETS, SharingPlan, resolve_plan
 
 __version__ = "0.1.0"
 __all__ = ["MLKVConfig", "MLKVForCausalLM", "MLKVModel", "SharingPlan", "resolve_plan", "preset_config", "PRESETS",

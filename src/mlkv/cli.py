@@ -25,7 +25,7 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
 def cmd_plan(args) -> int:
     """Show sharing plans and their KV-cache cost: bytes per token and per sequence, and the reduction against MHA
     and MQA. With the paper's shape (12 layers x 12 heads) the default list is the paper's grid."""
-    from .sharing import PAPER_PRESETS, PAPER_SHAPE, resolve_plan
+    from mlkv.model.sharing import PAPER_PRESETS, PAPER_SHAPE, resolve_plan
 
     names = args.plans or (PAPER_PRESETS if (args.layers, args.heads) == PAPER_SHAPE else ["mha", "mqa"])
     mha = resolve_plan("mha", args.layers, args.heads).kv_bytes_per_token(args.head_dim, args.dtype)
@@ -61,7 +61,7 @@ def cmd_convert(args) -> int:
     mean-pooled within groups, and consumer layers' K/V folded into their producer (--init mean|pairwise|first).
     --keep-params widens the MLPs to restore the parameter count (new neurons have zero output weights, so the
     converted model's output is unchanged)."""
-    from .convert import convert_checkpoint
+    from mlkv.model.convert import convert_checkpoint
 
     dst = convert_checkpoint(args.src, args.dst, plan=args.plan, init=args.init, keep_params=args.keep_params,
                              seed=args.seed, overwrite=args.overwrite)
@@ -73,7 +73,7 @@ def cmd_convert(args) -> int:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    from .convert import DEFAULT_INIT, INITS
+    from mlkv.model.convert import DEFAULT_INIT, INITS
 
     p.add_argument("src", help="Hugging Face checkpoint directory (config.json + safetensors or .bin)")
     p.add_argument("dst", help="output directory (written to a temporary directory, then renamed)")
@@ -92,7 +92,7 @@ def cmd_generate(args) -> int:
     fast uses mlkv's static-cache engine (CUDA-graph decode on GPU)."""
     import torch
 
-    from .evaluate import load_model
+    from mlkv.evaluation.evaluate import load_model
 
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -105,7 +105,7 @@ def cmd_generate(args) -> int:
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, seed=args.seed)
     if args.engine == "fast":
-        from .engine import generate as fast_generate
+        from mlkv.inference.engine import generate as fast_generate
 
         outputs = fast_generate(model, ids, **sampling)
     else:
@@ -162,10 +162,10 @@ def _generate_args(p: argparse.ArgumentParser) -> None:
 # ---- commands that live in their own modules ------------------------------------------------------------------------
 # name -> (module, function adding the arguments, function running the command)
 MODULE_COMMANDS = {
-    "train": ("mlkv.train", "add_train_arguments", "run_train_command"),
-    "eval": ("mlkv.evaluate", "add_eval_arguments", "run_eval_command"),
-    "bench": ("mlkv.bench", "add_bench_arguments", "run_bench_command"),
-    "reproduce": ("mlkv.reproduce", "add_reproduce_arguments", "run_reproduce_command"),
+    "train": ("mlkv.training.loop", "add_train_arguments", "run_train_command"),
+    "eval": ("mlkv.evaluation.evaluate", "add_eval_arguments", "run_eval_command"),
+    "bench": ("mlkv.inference.bench.run", "add_bench_arguments", "run_bench_command"),
+    "reproduce": ("mlkv.reproduce.pipeline", "add_reproduce_arguments", "run_reproduce_command"),
 }
 LOCAL_COMMANDS = {"plan": (_plan_args, cmd_plan), "convert": (_convert_args, cmd_convert),
                   "generate": (_generate_args, cmd_generate)}

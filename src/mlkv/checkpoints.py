@@ -1,0 +1,199 @@
+"""Checkpoint folders: what files make one, how one is loaded, and how anything is written without leaving half a file.
+
+One place for each: ``TOKENIZER_FILES`` (what defines a tokenizer) and ``COMPANION_FILES`` (what travels with the
+weights when a checkpoint is converted or trained), ``parse_dtype``, ``has_weights`` / ``require_checkpoint``,
+``load_model`` (any ``AutoModelForCausalLM`` folder, mlkv's included, with its tokenizer), and the atomic writers
+``atomic_write`` / ``atomic_json`` / ``atomic_dir`` (a temporary name in the same folder, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+#: Files that define a tokenizer in a checkpoint or tokenizer folder (also hashed into the token cache's key).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "tokenizer.model",
+    "spiece.model",
+)
+#: Files copied beside the weights when a checkpoint is converted or trained: the tokenizer, its chat template
+#: (inside ``tokenizer_config.json`` or its own file) and the generation defaults.
+COMPANION_FILES = TOKENIZER_FILES + ("chat_template.jinja", "generation_config.json")
+
+#: Names accepted for a dtype on the command line and in settings.
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(value: str | torch.dtype, what: str = "dtype") -> torch.dtype:
+    """``"bf16"`` -> ``torch.bfloat16``; a ``torch.dtype`` passes through. ``what`` names the flag in the error."""
+    if isinstance(value, torch.dtype):
+        return value
+    key = str(value).lower().removeprefix("torch.")
+    if key not in DTYPES:
+        raise ValueError(f"{what} ({value!r}) must be one of {', '.join(sorted(DTYPES))}")
+    return DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---- what a checkpoint folder holds ---------------------------------------------------------------------------------
+def has_weights(folder: str | os.PathLike) -> bool:
+    folder = Path(folder)
+    return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
+
+
+def require_checkpoint(folder: str | os.PathLike, what: str = "model") -> Path:
+    """``folder`` as a Path if it holds ``config.json`` and weights, else a ``FileNotFoundError`` naming ``what``."""
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{what} {folder}: not a checkpoint directory (no config.json)")
+    if not has_weights(path):
+        raise FileNotFoundError(f"{what} {folder}: config.json but no weights (*.safetensors); an interrupted save? "
+                                "Re-run the command that wrote it")
+    return path
+
+
+def companion_files(source: str | os.PathLike | None) -> list[Path]:
+    """The tokenizer and generation files found in ``source`` (a folder, or a single ``tokenizer.json``)."""
+    if not source:
+        return []
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    return [path / name for name in COMPANION_FILES if (path / name).is_file()]
+
+
+def copy_companions(files: list[Path], folder: Path) -> None:
+    """Copy ``companion_files(...)`` into ``folder`` (a lone tokenizer file is saved as ``tokenizer.json``)."""
+    for f in files:
+        shutil.copyfile(f, folder / ("tokenizer.json" if f.suffix == ".json" and len(files) == 1 else f.name))
+
+
+def load_model(model_dir: str | os.PathLike, device: str | None = None, dtype: str | torch.dtype | None = None,
+               tokenizer: str | os.PathLike | None = None, with_tokenizer: bool = True):
+    """``(model, tokenizer)`` from a checkpoint folder (any ``AutoModelForCausalLM`` one, mlkv's included).
+
+    ``dtype`` None means float32 on CPU and the checkpoint's own dtype elsewhere; ``tokenizer`` defaults to the
+    checkpoint folder; ``with_tokenizer=False`` returns ``(model, None)``.
+    """
+    from transformers import AutoModelForCausalLM
+
+    import mlkv  # noqa: F401  (registers MLKVConfig / MLKVForCausalLM with the Auto classes)
+    from mlkv.data import load_hf_tokenizer
+
+    model_dir = require_checkpoint(model_dir)
+    device = device or default_device()
+    if dtype is None:
+        dtype = torch.float32 if device == "cpu" else "auto"
+    elif dtype != "auto":
+        dtype = parse_dtype(dtype)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    if not with_tokenizer:
+        return model, None
+    tok_source = Path(tokenizer) if tokenizer else model_dir
+    eos = model.config.eos_token_id
+    try:
+        tok = load_hf_tokenizer(tok_source, eos[0] if isinstance(eos, list) else eos)
+    except (OSError, ValueError) as exc:
+        raise FileNotFoundError(
+            f"no tokenizer found in {tok_source} (save one with the checkpoint or pass --tokenizer): {exc}"
+        ) from exc
+    return model, tok
+
+
+# ---- atomic writes --------------------------------------------------------------------------------------------------
+def temp_path(path: str | os.PathLike) -> Path:
+    """A unique hidden name next to ``path`` (same file system, so ``os.replace`` is atomic)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[IO[bytes]], Any]) -> Path:
+    """Write ``content`` (text, bytes, or a function given the open binary file) to a temporary file beside
+    ``path``, flush it to disk, then rename it onto ``path``: readers see the old file or the new one, never part."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode("utf-8") if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _json_default(obj: Any) -> Any:
+    """JSON for numpy scalars, sets, dtypes, paths and callables (as their ``item()`` or ``str``)."""
+    if hasattr(obj, "item") and callable(obj.item):
+        with contextlib.suppress(TypeError, ValueError):
+            return obj.item()
+    if isinstance(obj, (set, frozenset)):
+        return list(obj)
+    return str(obj)
+
+
+def atomic_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """``atomic_write`` of ``obj`` as JSON (UTF-8, non-ASCII kept, numpy scalars and the like converted)."""
+    return atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``dst``; on success it becomes ``dst`` by one rename.
+
+    With ``overwrite``, an existing ``dst`` is first renamed aside and deleted only after the new folder is in
+    place, so a crash at any point leaves the old folder or the new one. On an exception the temporary folder is
+    removed and ``dst`` is untouched."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a finished folder gets the usual mode
+        old = None
+        if dst.exists():
+            old = temp_path(dst.with_name(dst.name + ".old"))
+            os.replace(dst, old)
+        os.replace(tmp, dst)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

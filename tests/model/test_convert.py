@@ -1,0 +1,214 @@
+"""Conversion from transformers checkpoints: exact MHA equivalence with the peer models, init math, errors."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
+
+from mlkv import MLKVForCausalLM
+from mlkv.model.convert import (ConversionError, build_model, convert_checkpoint, convert_state, fold_layers,
+                          parameter_count)
+from tiny import VOCAB, hf_llama, hf_neox, hf_qwen2, perturb
+
+ATOL = 1e-5
+
+
+def saved(model, path):
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("make", [hf_neox, hf_llama, hf_qwen2], ids=["gpt_neox", "llama", "qwen2"])
+@torch.no_grad()
+def test_mha_conversion_reproduces_transformers_logits(make, tmp_path):
+    hf = perturb(make())
+    state, config = convert_state(saved(hf, tmp_path), "mha")
+    ours = build_model(state, config).eval()
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert (ours(ids).logits - hf(ids).logits).abs().max() <= ATOL
+
+
+@torch.no_grad()
+def test_llama3_rope_scaling_and_untied_head(tmp_path):
+    rope = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32, "rope_theta": 500000.0}
+    hf = perturb(hf_llama(rope_scaling=rope, attention_bias=True))
+    state, config = convert_state(saved(hf, tmp_path), "mha")
+    assert config.rope_parameters["rope_type"] == "llama3"
+    ids = torch.randint(0, VOCAB, (1, 100))
+    assert (build_model(state, config).eval()(ids).logits - hf(ids).logits).abs().max() <= ATOL
+
+
+@torch.no_grad()
+def test_pythia_160m_shape_reproduces_transformers_logits(tmp_path):
+    torch.manual_seed(0)
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=768, num_hidden_layers=12,
+                                          num_attention_heads=12, intermediate_size=3072, rotary_pct=0.25,
+                                          max_position_embeddings=2048)).eval()
+    state, config = convert_state(saved(hf, tmp_path), "mha")
+    ours = build_model(state, config).eval()
+    assert parameter_count(config) == sum(p.numel() for p in hf.parameters())
+    ids = torch.randint(0, 50304, (1, 64))
+    assert (ours(ids).logits - hf(ids).logits).abs().max() <= ATOL
+
+
+def _k_weight(state, layer):
+    return state[f"model.layers.{layer}.self_attn.k_proj.weight"]
+
+
+def test_mean_init_is_the_uniform_mean_of_heads_and_layers(tmp_path):
+    hf = hf_neox(num_hidden_layers=4)
+    src, _ = convert_state(saved(hf, tmp_path), "mha")
+    state, config = convert_state(tmp_path, [0, 0, 0, 3], init="mean")  # explicit list keeps 4 heads
+    expected = torch.stack([_k_weight(src, i) for i in (0, 1, 2)]).mean(0)
+    assert torch.allclose(_k_weight(state, 0), expected, atol=1e-7)
+    assert torch.equal(_k_weight(state, 3), _k_weight(src, 3))
+    # In-layer pooling: 4 heads -> 1 head is the mean of the 4 heads (head_dim 8).
+    state1, _ = convert_state(tmp_path, "4x1", init="mean")
+    heads = _k_weight(src, 0).reshape(4, 8, -1)
+    assert torch.allclose(_k_weight(state1, 0), heads.mean(0), atol=1e-7)
+    assert "model.layers.1.self_attn.k_proj.weight" not in state
+
+
+def test_pairwise_reproduces_the_reference_running_average():
+    w = [torch.full((2, 2), v) for v in (4.0, 8.0, 16.0)]
+    # Reference code: W_p = mean([W_1, W_p]) then mean([W_2, W_p]): 4/4 + 8/4 + 16/2 = 11
+    assert torch.equal(fold_layers(w, "pairwise"), torch.full((2, 2), 11.0))
+    assert torch.equal(fold_layers(w, "mean"), torch.full((2, 2), 28.0 / 3))
+    assert torch.equal(fold_layers(w, "first"), w[0])
+
+
+def test_first_init_copies_the_producers_pooled_kv(tmp_path):
+    hf = hf_neox(num_hidden_layers=4)
+    src, _ = convert_state(saved(hf, tmp_path), "mha")
+    state, _ = convert_state(tmp_path, "2x4", init="first")
+    assert torch.equal(_k_weight(state, 2), _k_weight(src, 2))
+
+
+@pytest.mark.parametrize("make", [hf_neox, hf_llama], ids=["gpt_neox", "llama"])
+@torch.no_grad()
+def test_keep_params_restores_count_and_leaves_function_unchanged(make, tmp_path):
+    hf = perturb(make())
+    saved(hf, tmp_path)
+    state, config = convert_state(tmp_path, "1x1")
+    wide_state, wide = convert_state(tmp_path, "1x1", keep_params=True)
+    assert wide.intermediate_size > config.intermediate_size
+    per_neuron = (3 if wide.flavor == "llama" else 2) * wide.hidden_size + 2
+    assert abs(parameter_count(wide) - sum(p.numel() for p in hf.parameters())) <= per_neuron * wide.num_hidden_layers
+    ids = torch.randint(0, VOCAB, (2, 16))
+    a = build_model(state, config).eval()(ids).logits
+    b = build_model(wide_state, wide).eval()(ids).logits
+    assert torch.allclose(a, b, atol=ATOL)
+
+
+def test_paper_widths_match_the_reference_code():
+    from mlkv.model.config import preset_config
+    from mlkv.model.convert import widened_intermediate
+    from mlkv.model.sharing import resolve_plan
+
+    base = preset_config("pythia-160m")
+    assert widened_intermediate(base, resolve_plan("GQA-48", 12, 12)) == 3584  # paper: about 3584
+    assert abs(widened_intermediate(base, resolve_plan("MLKV-1", 12, 12)) - 3835) <= 1  # paper: about 3835
+
+
+@torch.no_grad()
+def test_checkpoint_round_trip_is_exact_and_copies_tokenizer(tmp_path):
+    hf = perturb(hf_llama())
+    src = saved(hf, tmp_path / "src")
+    (src / "tokenizer.json").write_text("{}")
+    dst = convert_checkpoint(src, tmp_path / "dst", plan="2x1")  # the default init is pairwise (measured best)
+    assert (dst / "tokenizer.json").is_file() and (dst / "model.safetensors").is_file()
+    meta = json.loads((dst / "mlkv_conversion.json").read_text())
+    assert meta["structure"] == "2x1" and meta["init"] == "pairwise"
+    loaded = AutoModelForCausalLM.from_pretrained(dst)
+    assert isinstance(loaded, MLKVForCausalLM)
+    state, _ = convert_state(src, "2x1", init="pairwise")
+    for k, v in state.items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_checkpoint(src, dst, plan="2x1")
+
+
+def test_pytorch_bin_is_loaded_with_weights_only(tmp_path):
+    hf = hf_neox()
+    saved(hf, tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(weights, tmp_path / "pytorch_model.bin")
+    state, config = convert_state(tmp_path, "mha")
+    ids = torch.randint(0, VOCAB, (1, 12))
+    assert (build_model(state, config).eval()(ids).logits - hf(ids).logits).abs().max() <= ATOL
+
+
+def test_unsupported_architecture_names_supported_ones(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(ConversionError, match=r"architectures \(\['BertForMaskedLM'\]\) is not supported; supported: "
+                                              r"GPTNeoXForCausalLM, LlamaForCausalLM, Qwen2ForCausalLM"):
+        convert_state(tmp_path, "mha")
+
+
+def test_mistral_with_sliding_window_is_rejected(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MistralForCausalLM"], "sliding_window": 4096}))
+    with pytest.raises(ConversionError, match=r"sliding_window \(4096\) must be null"):
+        convert_state(tmp_path, "mha")
+
+
+def test_unknown_missing_and_misshaped_keys_are_listed(tmp_path):
+    saved(hf_neox(), tmp_path)
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    weights["gpt_neox.layers.0.extra.weight"] = torch.zeros(2)
+    del weights["gpt_neox.layers.1.mlp.dense_4h_to_h.bias"]
+    weights["gpt_neox.final_layer_norm.weight"] = torch.zeros(5)
+    save_file(weights, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ConversionError) as err:
+        convert_state(tmp_path, "mha")
+    msg = str(err.value)
+    assert "unknown (1): gpt_neox.layers.0.extra.weight" in msg
+    assert "missing (1): model.layers.1.mlp.down_proj.bias" in msg
+    assert "mis-shaped (1): model.norm.weight: (5,) (expected (32,))" in msg
+
+
+def test_failed_conversion_leaves_nothing_behind(tmp_path):
+    saved(hf_neox(), tmp_path / "src")
+    with pytest.raises(ValueError, match="ambiguous or impossible"):
+        convert_checkpoint(tmp_path / "src", tmp_path / "out", plan="mlkv-99")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_bad_init_and_kv_heads_errors(tmp_path):
+    saved(hf_llama(), tmp_path)  # 2 KV heads in the source
+    with pytest.raises(ConversionError, match=r"init \('best'\) must be one of"):
+        convert_state(tmp_path, "mha", init="best")
+    with pytest.raises(ValueError, match=r"num_attention_heads \(4\) must be divisible by num_key_value_heads \(3\)"):
+        convert_state(tmp_path, "3x3")
+
+
+@torch.no_grad()
+def test_an_mha_mlkv_checkpoint_converts_to_a_plan(tmp_path):
+    from tiny import tiny_model
+
+    model = tiny_model("gpt_neox")  # every layer a producer
+    model.save_pretrained(tmp_path / "mha")
+    state, config = convert_state(tmp_path / "mha", "2x1")
+    assert config.kv_source_layers == [0, 0, 2, 2]
+    mha_state, mha_config = convert_state(tmp_path / "mha", "mha")
+    ids = torch.randint(0, VOCAB, (1, 10))
+    assert torch.allclose(build_model(mha_state, mha_config).eval()(ids).logits, model(ids).logits, atol=ATOL)
+    build_model(state, config).save_pretrained(tmp_path / "shared")
+    with pytest.raises(ConversionError, match=r"already shares K/V across layers"):
+        convert_state(tmp_path / "shared", "1x1")
+
+
+@torch.no_grad()
+def test_mistral_without_sliding_window_converts(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    hf = perturb(MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                                  max_position_embeddings=128, sliding_window=None)).eval())
+    state, config = convert_state(saved(hf, tmp_path), "mha")
+    ids = torch.randint(0, VOCAB, (1, 30))
+    assert (build_model(state, config).eval()(ids).logits - hf(ids).logits).abs().max() <= ATOL

@@ -1,0 +1,205 @@
+"""The paper pipeline, tiny, on CPU: every stage runs, resumes, and writes the report."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+from mlkv.reproduce.pipeline import Settings, planned_runs, reproduce, resolve_data_dir, run_name
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+needs_data = pytest.mark.skipif(not (DATA / "corpus" / "gutenberg").is_dir(), reason="shared data not found")
+
+
+def small(out, **kw):
+    # The whole grid runs in the CLI's --smoke; here two plans keep the suite fast.
+    return Settings.smoke_settings(str(out), data_dir=str(DATA), plans=["MHA-144", "MLKV-2"],
+                                   distill_plans=["MLKV-2"], init_plans=["MLKV-2"], **kw)
+
+
+def test_planned_runs_cover_the_grid():
+    s = Settings(out="x")
+    names = [(r["plan"], r["objective"], r["init"]) for r in planned_runs(s)]
+    assert len(names) == 9 + 6 + 4
+    assert ("MLKV-6", "distill", "mean") in names and ("MLKV-2", "lm", "first") in names
+    seeded = [run_name(**r) for r in planned_runs(Settings(out="x", init_seeds=2))]
+    assert len(seeded) == 19 + 2 * 3 and len(set(seeded)) == len(seeded)
+    assert {"MLKV-6-lm-s1", "MLKV-6-lm-pairwise-s1", "MLKV-2-lm-first-s1", "MLKV-2-lm-first"} <= set(seeded)
+
+
+def test_missing_data_names_flag_env_and_hub_dataset(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLKV_DATA", raising=False)
+    with pytest.raises(FileNotFoundError, match=r"--data-dir DIR or set MLKV_DATA=DIR.*the_pile_deduplicated"):
+        resolve_data_dir(str(tmp_path / "nowhere"))
+
+
+@needs_data
+def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
+    out = tmp_path / "run"
+    report = reproduce(small(out, tasks=["lambada_openai", "piqa"], eval_workers=2))  # 2 processes evaluate
+    text = report.read_text()
+    assert "| MLKV-2-distill | MLKV-2 (2x1) | 2 |" in text
+    results = json.loads((out / "results.json").read_text())
+    assert {r["run"] for r in results["rows"]} == {"base", "MHA-144-lm", "MLKV-2-lm", "MLKV-2-distill",
+                                                    "MLKV-2-lm-pairwise", "MLKV-2-lm-first"}
+    assert all(r["gutenberg_ppl"] for r in results["rows"])
+    assert all(r["piqa_acc"] is not None for r in results["rows"] if not r["run"].endswith(("-pairwise", "-first")))
+    assert (out / "plots" / "pareto.png").stat().st_size > 0
+    inits = results["init_comparison"]["MLKV-2"]
+    assert set(inits["inits"]) == {"mean", "pairwise", "first"} and inits["best"] in inits["inits"]
+    assert "## Conversion inits" in text
+    logs = {run: [json.loads(line) for line in (out / "uptrain" / run / "metrics.jsonl").read_text().splitlines()]
+            for run in ("MLKV-2-distill", "MLKV-2-lm")}
+    assert all(r["hidden"] > 0 for r in logs["MLKV-2-distill"] if "loss" in r)  # KL + 10 x hidden-state distance
+    assert all("hidden" not in r and "kl" not in r for r in logs["MLKV-2-lm"])
+    capsys.readouterr()
+    reproduce(small(out, tasks=["lambada_openai", "piqa"]))  # every stage is done: nothing is retrained
+    log = capsys.readouterr().out
+    assert "base: done, skipping" in log
+    assert "uptrain:" not in log and "eval:" not in log
+
+
+@needs_data
+def test_full_task_sets_build_their_requests_once(tmp_path, capsys):
+    """Without --limit the harness's requests are built once, before the evaluation processes start, and every
+    evaluation loads them."""
+    s = Settings.smoke_settings(str(tmp_path / "run"), data_dir=str(DATA), plans=["MHA-144"], distill_plans=[],
+                                init_plans=[], tasks=["openbookqa"], eval_workers=2)
+    s.limit = None  # the whole 500-question set
+    reproduce(s)
+    assert "eval: built the requests of openbookqa once" in capsys.readouterr().out
+    for name in ("base", "MHA-144-lm"):
+        res = json.loads((tmp_path / "run" / "eval" / f"{name}.json").read_text())
+        assert res["mlkv"]["request_cache"].startswith(str(tmp_path / "run" / "lm_eval_requests" / "requests-"))
+        assert res["n-samples"]["openbookqa"]["effective"] == 500
+
+
+@needs_data
+def test_base_from_a_local_hf_checkpoint_skips_pretraining(tmp_path):
+    torch.manual_seed(0)
+    hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=48, num_hidden_layers=12,
+                                          num_attention_heads=12, intermediate_size=96, max_position_embeddings=256))
+    hf.save_pretrained(tmp_path / "pythia")
+    PreTrainedTokenizerFast(tokenizer_file=str(DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"),
+                            eos_token="<|endoftext|>").save_pretrained(tmp_path / "pythia")
+    out = tmp_path / "run"
+    s = Settings.smoke_settings(str(out), data_dir=str(DATA), base=str(tmp_path / "pythia"), plans=["MLKV-2"],
+                                distill_plans=[], init_plans=[], tasks=[])
+    reproduce(s)
+    assert json.loads((out / "base" / "done.json").read_text())["source"] == str(tmp_path / "pythia")
+    assert not (out / "base" / "metrics.jsonl").exists()  # converted, not trained
+    assert (out / "uptrain" / "MLKV-2-lm" / "model.safetensors").is_file()
+
+
+def test_plan_names_and_settings_guard(tmp_path):
+    import argparse
+
+    from mlkv.reproduce.pipeline import add_reproduce_arguments, check_settings, plan_of, settings_from_args
+
+    assert [plan_of(r) for r in ("base", "MHA-144-lm", "MLKV-6-distill", "MLKV-2-lm-pairwise", "MLKV-2-lm-first-s1",
+                                 "MLKV-6-lm-s2")] == ["MHA-144", "MHA-144", "MLKV-6", "MLKV-2", "MLKV-2", "MLKV-6"]
+    parse = add_reproduce_arguments(argparse.ArgumentParser()).parse_args
+    s = settings_from_args(parse(["--out", str(tmp_path), "--plans", "mlkv-6", "mha-144"]))
+    assert s.plans == ["MLKV-6", "MHA-144"] and s.distill_plans == ["MLKV-6"] and s.init_plans == ["MLKV-6"]
+    tuned = settings_from_args(parse(["--out", str(tmp_path), "--init-seeds", "2", "--eval-workers", "3"]))
+    assert tuned.init_seeds == 2 and tuned.eval_workers == 3
+    assert (tuned.uptrain_lr, tuned.distill_hidden) == (6e-4, 10.0)  # the paper's lr; hidden-state distillation
+    recipe = settings_from_args(parse(["--out", str(tmp_path), "--uptrain-lr", "1.2e-3", "--distill-hidden", "0"]))
+    assert (recipe.uptrain_lr, recipe.distill_hidden) == (1.2e-3, 0.0)
+    with pytest.raises(ValueError, match=r"--uptrain-lr must be positive, got -0.001"):
+        settings_from_args(parse(["--out", str(tmp_path), "--uptrain-lr=-1e-3"]))
+    with pytest.raises(ValueError, match=r"--distill-hidden must be >= 0, got -1.0"):
+        settings_from_args(parse(["--out", str(tmp_path), "--distill-hidden=-1"]))
+    smoke = settings_from_args(parse(["--out", str(tmp_path), "--smoke", "--plans", "MHA-144"]))
+    assert smoke.distill_plans == [] and smoke.init_plans == []
+    with pytest.raises(ValueError, match=r"--plans 6x1: mlkv reproduce runs the paper's configs"):
+        settings_from_args(parse(["--out", str(tmp_path), "--plans", "6x1"]))
+    check_settings(Settings(out=str(tmp_path)), tmp_path)
+    with pytest.raises(ValueError, match=r"made with other settings: hidden_size \(384 -> 512\)"):
+        check_settings(Settings(out=str(tmp_path), hidden_size=512), tmp_path)
+    with pytest.raises(ValueError, match=r"distill_hidden \(10.0 -> 0.0\)"):
+        check_settings(Settings(out=str(tmp_path), distill_hidden=0.0), tmp_path)
+    # A folder from before --uptrain-lr / --distill-hidden existed (runs 1-3): logits-only distillation at 6e-4.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    check_settings(Settings(out=str(legacy)), legacy)
+    saved = json.loads((legacy / "settings.json").read_text())
+    (legacy / "settings.json").write_text(json.dumps({k: v for k, v in saved.items()
+                                                      if k not in ("uptrain_lr", "distill_hidden")}))
+    check_settings(Settings(out=str(legacy), distill_hidden=0.0), legacy)  # resumes as it was made
+    with pytest.raises(ValueError, match=r"distill_hidden \(0.0 -> 10.0\)"):
+        check_settings(Settings(out=str(legacy)), legacy)
+
+
+def test_eval_retries_a_failed_worker_alone(tmp_path, monkeypatch, capsys):
+    """A model whose evaluation fails in a worker (e.g. out of memory beside the others) is evaluated again alone;
+    the others keep their results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import mlkv.reproduce.pipeline as rp
+
+    calls = []
+
+    def fake_eval(s, data, name, folder, path):
+        calls.append(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"name": name}))
+
+    def worker(s, data, name, folder, path, workers, share):
+        if name == "b":
+            raise RuntimeError("CUDA out of memory. Tried to allocate 244.00 MiB")
+        fake_eval(s, data, name, folder, path)
+        return name
+
+    monkeypatch.setattr(rp, "eval_one", fake_eval)
+    monkeypatch.setattr(rp, "_eval_worker", worker)
+    monkeypatch.setattr(rp, "_make_pool", lambda n: ThreadPoolExecutor(n))
+    s = Settings(out=str(tmp_path), eval_workers=2, device="cpu")
+    results = rp.stage_eval(s, tmp_path, {n: tmp_path / n for n in "abc"}, tmp_path)
+    assert {k: v["name"] for k, v in results.items()} == {"a": "a", "b": "b", "c": "c"}
+    assert sorted(calls) == ["a", "b", "c"] and calls[-1] == "b"  # b only after the pool, alone
+    assert "b failed in a worker (RuntimeError: CUDA out of memory" in capsys.readouterr().out
+
+
+@needs_data
+def test_a_run_stopped_by_sigterm_keeps_its_time(tmp_path, monkeypatch):
+    """`timeout` (SIGTERM) mid-stage: the run exits with 128 + 15, and its seconds still add up in timing.json, so
+    the report of a run resumed across device calls states the whole time."""
+    import os
+    import signal
+    import time
+
+    import mlkv.reproduce.pipeline as rp
+
+    def stopped(*args):
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises SystemExit before this ends
+        raise AssertionError("SIGTERM was not handled")
+
+    monkeypatch.setattr(rp, "stage_base", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce(small(tmp_path / "run"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert json.loads((tmp_path / "run" / "timing.json").read_text())["earlier_seconds"] >= 0.2
+    assert signal.getsignal(signal.SIGTERM) == before  # the caller's handler is back
+
+
+@needs_data
+def test_a_training_stopped_by_a_signal_is_not_marked_done(tmp_path, monkeypatch):
+    """``train`` takes SIGTERM itself (it saves a checkpoint and returns ``interrupted``): the stage must stay
+    unfinished for the resume, and the pipeline stop with the signal's exit code instead of going on."""
+    import signal
+
+    import mlkv.training.loop
+
+    monkeypatch.setattr(mlkv.training.loop, "train", lambda cfg: {"interrupted": True, "stop_signal": signal.SIGTERM,
+                                                          "steps": 3})
+    with pytest.raises(SystemExit) as exit_info:
+        reproduce(small(tmp_path / "run"))
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not (tmp_path / "run" / "base" / "done.json").exists()
+    assert json.loads((tmp_path / "run" / "timing.json").read_text())["earlier_seconds"] >= 0

@@ -1,0 +1,394 @@
+"""Tests of the training loop (mlkv.training.loop), on CPU in fp32: a tiny model (hidden 32, 2 layers, vocab 50304 to
+cover the GPT-NeoX tokenizer) trained on 2 books of the shared Gutenberg val file, seq_len 64. Skipped when the
+shared data is absent."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from transformers import AutoModelForCausalLM
+
+import mlkv  # noqa: F401  (registers MLKV with the Auto classes)
+from mlkv.data.pipeline import default_data_dir
+from mlkv.training.loop import (LossModel, NonFiniteLossError, TrainConfig, TrainHooks, WarmupCosine, main,
+                        model_flops_per_token, parse_tokens, train)
+from tiny import hf_neox, tiny_model
+
+DATA = default_data_dir()
+VAL_FILE = DATA / "corpus" / "gutenberg" / "val.jsonl.xz"
+TOKENIZER = DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+SRC = Path(__file__).resolve().parents[2] / "src"
+needs_data = pytest.mark.skipif(not (VAL_FILE.is_file() and TOKENIZER.is_file()), reason="shared data not found")
+
+TINY = {"model_type": "mlkv", "flavor": "gpt_neox", "vocab_size": 50304, "hidden_size": 32, "intermediate_size": 64,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("train")
+
+
+def write_config(folder: Path, name: str = "tiny.json", **overrides) -> Path:
+    path = folder / name
+    path.write_text(json.dumps({**TINY, **overrides}))
+    return path
+
+
+def make_config(workdir: Path, out: Path, model: Path | str | None = None, **kw) -> TrainConfig:
+    fields = dict(model=str(model or write_config(workdir)), out=str(out), data=[str(VAL_FILE)],
+                  tokenizer=str(TOKENIZER), max_documents=2, val_fraction=0.5, cache_dir=str(workdir / "cache"),
+                  seq_len=64, micro_batch_size=4, lr=3e-3, log_every=1, eval_every=0, eval_batches=10,
+                  save_every=0, progress=False, tensorboard=False)
+    return TrainConfig(**{**fields, **kw})
+
+
+def read_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def step_losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def trained(workdir) -> tuple[Path, dict]:
+    """A 16-step pretraining run from a config.json (random init), evaluated at steps 8 and 16."""
+    out = workdir / "trained"
+    summary = train(make_config(workdir, out, steps=16, eval_every=8, lr=5e-3))
+    return out, summary
+
+
+# ---- pure functions -------------------------------------------------------------------------------------------------
+def test_parse_tokens():
+    assert parse_tokens("20M") == 20_000_000
+    assert parse_tokens("1.5B") == 1_500_000_000
+    assert parse_tokens("300k") == 300_000
+    assert parse_tokens("2e9") == 2_000_000_000
+    assert parse_tokens("500_000") == 500_000
+    assert parse_tokens(4096) == 4096
+    for bad in ("20X", "abc", "", "1.5", "-5M", "0"):
+        with pytest.raises(ValueError, match="bad token count"):
+            parse_tokens(bad)
+
+
+def test_schedule():
+    sched = WarmupCosine(total_steps=10, warmup_ratio=0.2, min_ratio=0.1)
+    factors = [sched(s) for s in range(10)]
+    assert factors[:2] == [0.5, 1.0]  # warmup of ceil(0.2 * 10) = 2 steps
+    assert factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
+
+
+def test_flops_per_token():
+    model = tiny_model(layers=2)  # hidden 32, 4 heads, vocab 96, untied
+    n = sum(p.numel() for p in model.parameters()) - 96 * 32
+    assert model_flops_per_token(model, 128) == 6 * n + 12 * 2 * 32 * 128
+
+
+@pytest.mark.parametrize("temperature, alpha", [(2.0, 0.3), (1.0, 1.0), (1.0, 0.5), (2.0, 1.0)])
+def test_chunked_kl_matches_full_logits(temperature, alpha):
+    """The chunked, recomputed KL/CE equal the same quantities from whole (B, T, V) logits, gradients too (at
+    temperature 1 the cross-entropy shares the KL's log-probabilities; at alpha 1 it has no gradient)."""
+    student, teacher = tiny_model(layers=2).train(), hf_neox(seed=3)
+    ids = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(0))
+    loss, lm, kl, dist_h = LossModel(student, teacher, temperature, alpha, chunk_tokens=12)(ids)
+    loss.backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+
+    logits = student(ids).logits.float()  # (B, T, V)
+    with torch.no_grad():
+        teacher_logits = teacher(ids).logits.float()
+    ref_lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())  # T - 1 predicted tokens
+    assert ref_lm.item() == pytest.approx(student(ids, labels=ids).loss.item(), abs=1e-6)  # the HF-style loss
+    p_t = F.softmax(teacher_logits / temperature, -1)
+    ref_kl = (p_t * (p_t.log() - F.log_softmax(logits / temperature, -1))).sum(-1).mean()  # all T positions
+    ref = alpha * temperature**2 * ref_kl + (1 - alpha) * ref_lm
+    ref.backward()
+    assert kl > 0.01 and dist_h == 0  # no hidden-state term unless asked
+    torch.testing.assert_close(lm, ref_lm.detach())
+    torch.testing.assert_close(kl, ref_kl.detach())
+    torch.testing.assert_close(loss.detach(), ref.detach())
+    for got, p in zip(grads, student.parameters()):
+        torch.testing.assert_close(got, p.grad)
+
+
+def test_hidden_state_distillation():
+    """``hidden_weight`` adds w * mean over decoder layers of |h_s - h_t|^2 / |h_t|^2 (embeddings skipped) to the
+    KL objective, with its gradient; a student equal to its teacher is at distance 0."""
+    teacher = tiny_model(layers=4, seed=1).eval()
+    student = tiny_model(layers=4, plan="mlkv-2").train()
+    own = student.state_dict()
+    student.load_state_dict({k: v for k, v in teacher.state_dict().items()  # all but the K/V projections
+                             if k in own and v.shape == own[k].shape}, strict=False)
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    loss, lm, kl, dist_h = LossModel(student, teacher, hidden_weight=0.5)(ids)
+    loss.backward()
+    grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+
+    out_s = student(ids, use_cache=False, output_hidden_states=True)
+    with torch.no_grad():
+        out_t = teacher(ids, use_cache=False, output_hidden_states=True)
+    h_s, h_t = out_s.hidden_states, out_t.hidden_states
+    assert len(h_s) == 4 + 1 and torch.equal(h_s[0], h_t[0])  # embeddings + 4 layer outputs; embeddings shared
+    ref_h = torch.stack([(s - t).square().mean() / t.square().mean() for s, t in zip(h_s[1:], h_t[1:])]).mean()
+    ref_kl = F.kl_div(F.log_softmax(out_s.logits.float(), -1).flatten(0, 1),
+                      F.log_softmax(out_t.logits.float(), -1).flatten(0, 1), reduction="batchmean", log_target=True)
+    ref = ref_kl + 0.5 * ref_h
+    ref.backward()
+    assert dist_h > 1e-4
+    torch.testing.assert_close(dist_h, ref_h.detach())
+    torch.testing.assert_close(loss.detach(), ref.detach())
+    for got, p in zip(grads, student.parameters()):
+        torch.testing.assert_close(got, p.grad, msg=lambda m: f"gradient differs: {m}")
+    same = LossModel(tiny_model(layers=4, seed=1), teacher, hidden_weight=1.0)
+    assert same(ids)[3] == 0
+    with pytest.raises(ValueError, match="teacher of the student's shape"):
+        LossModel(tiny_model(layers=2, seed=1), teacher, hidden_weight=1.0)(ids)
+
+
+# ---- errors ---------------------------------------------------------------------------------------------------------
+@needs_data
+def test_errors(workdir, tmp_path, trained):
+    def cfg(**kw):
+        return make_config(workdir, tmp_path / "out", **{"steps": 2, **kw})
+
+    with pytest.raises(FileNotFoundError, match="no such checkpoint directory or config file"):
+        train(cfg(model=str(tmp_path / "missing-model")))
+    with pytest.raises(FileNotFoundError, match="has no config.json"):
+        train(cfg(model=str(tmp_path)))
+    with pytest.raises(ValueError, match="bad token count '20X'"):
+        train(cfg(steps=None, tokens="20X"))
+    with pytest.raises(ValueError, match="exactly one"):
+        train(cfg(steps=None))
+    with pytest.raises(ValueError, match="needs --teacher"):
+        train(cfg(objective="distill"))
+    with pytest.raises(FileNotFoundError, match="--teacher"):
+        train(cfg(objective="distill", teacher=str(tmp_path / "nope")))
+    with pytest.raises(ValueError, match="--lr must be positive, got 0"):
+        train(cfg(lr=0.0))
+    with pytest.raises(ValueError, match="--weight-decay must be >= 0, got -0.1"):
+        train(cfg(weight_decay=-0.1))
+    with pytest.raises(ValueError, match="--distill-hidden must be >= 0, got -1"):
+        train(cfg(objective="distill", teacher=str(trained[0]), distill_hidden=-1.0))
+    with pytest.raises(ValueError, match="objective 'mse' is unknown"):
+        train(cfg(objective="mse"))
+    with pytest.raises(ValueError, match="--plan applies to a random init"):
+        train(cfg(model=str(trained[0]), plan="mqa"))
+    with pytest.raises(ValueError, match="tokenizer has 50277 tokens but the model's vocab_size is 512"):
+        train(cfg(model="tiny-neox"))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        train(cfg(model="tiny-neox", tokenizer=None))
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(make_config(workdir, trained[0], steps=2))
+    with pytest.raises(SystemExit):
+        main(["--data", "x", "--out", str(tmp_path)])  # --model missing
+
+
+@needs_data
+def test_cli(workdir, tmp_path, capsys):
+    """``mlkv train`` flags -> TrainConfig; --tokens 512 at 4 x 64 tokens per step is 2 steps."""
+    out = tmp_path / "cli"
+    status = main(["--model", str(write_config(workdir)), "--tokenizer", str(TOKENIZER), "--data", str(VAL_FILE),
+                   "--max-documents", "2", "--cache-dir", str(workdir / "cache"), "--seq-len", "64",
+                   "--micro-batch-size", "4", "--tokens", "512", "--out", str(out), "--no-progress",
+                   "--no-tensorboard"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert status == 0 and summary["steps"] == 2 and summary["total_steps"] == 2 and summary["tokens"] == 512
+    assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+# ---- training -------------------------------------------------------------------------------------------------------
+@needs_data
+def test_loss_falls(trained):
+    out, summary = trained
+    losses = summary["losses"]
+    assert len(losses) == 16 and summary["steps"] == 16 and not summary["interrupted"]
+    assert losses[0] == pytest.approx(math.log(50304), abs=0.5)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.8
+    evals = [r for r in read_metrics(out) if "val_loss" in r]
+    assert [r["step"] for r in evals] == [8, 16]
+    assert evals[1]["val_loss"] < evals[0]["val_loss"] < math.log(50304)
+    assert evals[1]["val_ppl"] == pytest.approx(math.exp(evals[1]["val_loss"]))
+    record = read_metrics(out)[0]
+    assert {"loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= set(record)
+
+
+@needs_data
+def test_save_load_generate(trained):
+    """The final model in --out loads with AutoModelForCausalLM, reproduces the logged val loss and generates."""
+    out, summary = trained
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(model).__name__ == "MLKVForCausalLM"
+    ckpt = AutoModelForCausalLM.from_pretrained(out / "checkpoint").eval()
+    for a, b in zip(model.state_dict().values(), ckpt.state_dict().values()):
+        assert torch.equal(a, b)
+
+    from mlkv.data.pipeline import prepare_data
+
+    cache = Path(json.loads((out / "checkpoint" / "trainer_state.json").read_text())["config"]["cache_dir"])
+    _, val, _ = prepare_data(str(VAL_FILE), TOKENIZER, cache, seq_len=64, max_documents=2, val_fraction=0.5,
+                             progress=False)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for _, ids in zip(range(10), val.batches(4)):
+            ce_sum, n = LossModel(model)(ids, evaluate=True)
+            total, count = total + ce_sum.item(), count + n
+    assert total / count == pytest.approx(summary["val_loss"], abs=1e-5)
+
+    tokenizer = Tokenizer.from_file(str(out / "tokenizer.json"))
+    prompt = torch.tensor([tokenizer.encode("It was a dark and stormy night").ids])
+    generated = model.generate(prompt, max_new_tokens=8, do_sample=False)
+    assert generated.shape == (1, prompt.shape[1] + 8)
+    assert torch.equal(generated[:, : prompt.shape[1]], prompt)
+    assert isinstance(tokenizer.decode(generated[0].tolist()), str)
+
+
+@needs_data
+def test_resume_is_exact(workdir, tmp_path):
+    """SIGTERM in step 2, resume to --stop-after-steps 4, resume to the end: the same per-step losses (and
+    weights) as one uninterrupted run. Attention dropout makes the RNG state matter; grad accumulation is on."""
+    model = write_config(workdir, "dropout.json", attention_dropout=0.1)
+    kw = dict(model=model, steps=6, micro_batch_size=2, grad_accum=2, save_every=3)
+    full = train(make_config(workdir, tmp_path / "full", **kw))
+
+    out = tmp_path / "parts"
+
+    def sigterm(step, _model):  # a signal during step 2 stops after step 2
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    first = train(make_config(workdir, out, **kw), hooks=TrainHooks(after_backward=sigterm))
+    assert first["interrupted"] and first["steps"] == 2 and first["stop_signal"] == signal.SIGTERM
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    assert not (out / "model.safetensors").exists()  # the final model is written only when the run completes
+    second = train(make_config(workdir, out, resume=True, stop_after_steps=4, **kw))
+    assert second["start_step"] == 2 and second["steps"] == 4 and second["interrupted"]
+    third = train(make_config(workdir, out, resume=True, **kw))
+    assert third["start_step"] == 4 and third["steps"] == 6 and not third["interrupted"]
+
+    expected, got = step_losses(tmp_path / "full"), step_losses(out)
+    assert sorted(got) == list(range(1, 7)) == sorted(expected)
+    for step in expected:
+        assert abs(got[step] - expected[step]) <= 1e-6, step
+    assert full["losses"] == first["losses"] + second["losses"] + third["losses"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "full").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_data
+def test_distill_self_teacher_zero_kl(workdir, tmp_path, trained):
+    """Student == teacher (the trained checkpoint): KL is exactly 0, so loss = (1 - alpha) * lm."""
+    summary = train(make_config(workdir, tmp_path / "distill", model=trained[0], steps=1, objective="distill",
+                                teacher=str(trained[0]), distill_alpha=0.25, distill_temperature=2.0,
+                                loss_chunk_tokens=64))
+    record = read_metrics(tmp_path / "distill")[0]
+    assert summary["origin"] == "checkpoint"
+    assert abs(record["kl"]) <= 1e-6 and abs(record["hidden"]) <= 1e-6  # hidden-state term on by default, also 0
+    assert record["loss"] == pytest.approx(0.75 * record["lm_loss"], abs=1e-6)
+
+
+@needs_data
+def test_resume_keeps_the_loss_and_teacher_shape_is_checked_first(workdir, tmp_path, trained):
+    """A distill run resumes only under the loss it started with (a checkpoint from before ``distill_hidden``
+    existed counts as 0); a teacher of another depth fails before any data is read, naming the way out."""
+    out = tmp_path / "kd"
+    kd = dict(model=trained[0], steps=2, objective="distill", teacher=str(trained[0]), loss_chunk_tokens=64)
+    train(make_config(workdir, out, stop_after_steps=1, distill_hidden=0.0, **kd))
+    with pytest.raises(ValueError, match=r"started with another loss \(--distill-hidden 0.0 -> 10.0\)"):
+        train(make_config(workdir, out, resume=True, **kd))
+    state_file = out / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["distill_hidden"]  # as written before the setting existed
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"--distill-hidden 0.0 -> 10.0"):
+        train(make_config(workdir, out, resume=True, **kd))
+    assert train(make_config(workdir, out, resume=True, distill_hidden=0.0, **kd))["steps"] == 2
+
+    deep = train(make_config(workdir, tmp_path / "deep", steps=1,
+                             model=write_config(workdir, "deep.json", num_hidden_layers=3)))["out"]
+    with pytest.raises(ValueError, match=r"teacher has 3 layers of 32, the student 2 of 32 \(use --distill-hidden 0"):
+        train(make_config(workdir, tmp_path / "shape", **{**kd, "teacher": deep, "data": ["/nonexistent.jsonl"]}))
+
+
+@needs_data
+def test_nan_stops_and_keeps_checkpoint(workdir, tmp_path):
+    def poison(step, model):  # a NaN gradient in step 3
+        if step == 3:
+            next(model.parameters()).grad.fill_(float("nan"))
+
+    out = tmp_path / "nan"
+    with pytest.raises(NonFiniteLossError, match="at step 3.*last good checkpoint \\(step 2\\)"):
+        train(make_config(workdir, out, steps=5, save_every=2), hooks=TrainHooks(after_backward=poison))
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    kept = AutoModelForCausalLM.from_pretrained(out / "checkpoint")
+    assert all(torch.isfinite(p).all() for p in kept.parameters())
+
+
+# ---- several processes ----------------------------------------------------------------------------------------------
+WORKER = """
+import json, sys, torch, torch.distributed as dist
+from mlkv.training.loop import TrainConfig, TrainHooks, train
+
+dist.init_process_group("gloo")
+for name, extra in (("ddp", {}), ("fsdp", {"fsdp": True})):
+    cfg = TrainConfig(**{**json.loads(sys.argv[1]), **extra, "out": sys.argv[2] + "/" + name})
+
+    def grab(step, model, name=name):
+        grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                 for n, p in model.named_parameters()}
+        if dist.get_rank() == 0:
+            torch.save(grads, sys.argv[2] + "/" + name + ".pt")
+
+    summary = train(cfg, hooks=TrainHooks(after_backward=grab))
+    if dist.get_rank() == 0:
+        json.dump(summary["losses"], open(sys.argv[2] + "/" + name + ".json", "w"))
+dist.destroy_process_group()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@needs_data
+def test_ddp_and_fsdp_gradients_equal_single_process(workdir, tmp_path):
+    """2 processes (gloo) with 2 sequences each give the gradients and loss of 1 process with all 4."""
+    cfg = make_config(workdir, tmp_path / "single", steps=1, micro_batch_size=2)
+    captured = {}
+    single = train(make_config(workdir, tmp_path / "single", steps=1, micro_batch_size=4),
+                   hooks=TrainHooks(after_backward=lambda step, model: captured.update(
+                       {n: p.grad.clone() for n, p in model.named_parameters()})))
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent(WORKER))
+    config = {k: v for k, v in vars(cfg).items() if k != "out"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), str(script), json.dumps(config), str(tmp_path)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    for name in ("ddp", "fsdp"):
+        grads = torch.load(tmp_path / f"{name}.pt", weights_only=True)
+        assert grads.keys() == captured.keys()
+        for key in grads:
+            torch.testing.assert_close(grads[key], captured[key], rtol=1e-5, atol=1e-7, msg=f"{name} {key}")
+        loss = json.loads((tmp_path / f"{name}.json").read_text())
+        assert loss[0] == pytest.approx(single["losses"][0], rel=1e-6)
