@@ -53,6 +53,8 @@ import torch
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
+from mlkv.data.paths import default_data_dir  # noqa: F401  (re-exported)
+
 __all__ = [
     "FORMAT_VERSION",
     "PackedDataset",
@@ -103,27 +105,6 @@ BATCH_DOCUMENTS = 256
 BATCH_CHARS = 8_000_000
 #: Typical characters per token of English text; keeps batches small when ``max_tokens`` is near.
 CHARS_PER_TOKEN = 4
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Locations
-# ----------------------------------------------------------------------------------------------------------
-
-
-def default_data_dir() -> Path:
-    """The shared data folder: ``$MLKV_DATA`` if set, else ``<cwd>/../shared/data``, else ``<repo>/../shared/data``.
-
-    The result may not exist (callers check and report; tests skip).
-    """
-    env = os.environ.get("MLKV_DATA")
-    if env:
-        return Path(env).expanduser()
-    repo_root = Path(__file__).resolve().parents[3]  # src/mlkv/data/pipeline.py -> repo root
-    candidates = [Path.cwd() / ".." / "shared" / "data", repo_root / ".." / "shared" / "data"]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate.resolve()
-    return candidates[0]
 
 
 # ----------------------------------------------------------------------------------------------------------

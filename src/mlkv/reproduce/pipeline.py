@@ -95,18 +95,11 @@ class Settings:
 
 # ---- paths and data ---------------------------------------------------------------------------------------------
 def resolve_data_dir(data_dir: str | None) -> Path:
-    """``--data-dir``, else ``$MLKV_DATA``, else ``../shared/data`` beside the checkout or the working directory."""
-    candidates = [data_dir, os.environ.get("MLKV_DATA")]
-    if not any(candidates):
-        candidates = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[4] / ".." / "shared" / "data"]
-    for c in candidates:
-        if c and (Path(c) / "corpus" / "gutenberg").is_dir():
-            return Path(c).resolve()
-    tried = ", ".join(str(c) for c in candidates if c)
-    raise FileNotFoundError(
-        f"the shared data (corpus/gutenberg, tokenizers, eval) was not found (tried {tried}); pass --data-dir DIR or "
-        f"set MLKV_DATA=DIR. With a network, train on a Hugging Face dataset instead: {HF_DATASET}"
-    )
+    """The shared data folder holding the Gutenberg corpus (``mlkv.data.paths``), or a named error."""
+    from mlkv.data.paths import require_data_dir
+
+    return require_data_dir(data_dir, "corpus/gutenberg", hint=f"With a network, train on a Hugging Face dataset "
+                            f"instead: {HF_DATASET}")
 
 
 def run_name(plan: str, objective: str = "lm", init: str = "mean", seed: int = 0) -> str:

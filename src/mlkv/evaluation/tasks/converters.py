@@ -47,11 +47,7 @@ from typing import Any
 
 import datasets
 
-from mlkv.data.pipeline import default_data_dir
-
-#: Environment variable and command-line flag that set the shared data folder.
-DATA_ENV = "MLKV_DATA"
-DATA_FLAG = "--data-dir"
+from mlkv.data.paths import DATA_ENV, DATA_FLAG, DataFileNotFoundError, data_file, default_data_dir
 
 #: Files (relative to the data folder) that each task reads.
 TASK_FILES: dict[str, tuple[str, ...]] = {
@@ -78,26 +74,9 @@ TASK_SPLITS: dict[str, str] = {
 }
 
 
-class DataFileNotFoundError(FileNotFoundError):
-    """A shared data file is missing; the message names the file and how to point mlkv at the data."""
-
-
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The shared data folder: ``data_dir`` if given, else ``mlkv.data.pipeline.default_data_dir()``. It may not exist."""
-    return Path(data_dir).expanduser() if data_dir else default_data_dir()
-
-
-def data_file(data_dir: str | os.PathLike | None, relative: str) -> Path:
-    """``<data_dir>/<relative>``; raises ``DataFileNotFoundError`` naming the file and the flag/env var to set."""
-    root = resolve_data_dir(data_dir)
-    path = root / relative
-    if not path.is_file():
-        origin = "given" if data_dir else (f"from ${DATA_ENV}" if os.environ.get(DATA_ENV) else "default")
-        raise DataFileNotFoundError(
-            f"evaluation data file not found: {path}. Set {DATA_FLAG} or the {DATA_ENV} environment variable to "
-            f"the shared data folder (the one holding eval/ and corpus/); the data folder now is {root} ({origin})."
-        )
-    return path
+    """The shared data folder (``mlkv.data.paths.default_data_dir``). It may not exist."""
+    return default_data_dir(data_dir)
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
