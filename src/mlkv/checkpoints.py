@@ -9,16 +9,21 @@ weights when a checkpoint is converted or trained), ``parse_dtype``, ``has_weigh
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
-import tempfile
+import socket
+import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import torch
+
+from mlkv.errors import UsageError
 
 #: Files that define a tokenizer in a checkpoint or tokenizer folder (also hashed into the token cache's key).
 TOKENIZER_FILES = (
@@ -166,34 +171,77 @@ def atomic_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Pa
     return atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
 
 
+class FolderInUseError(UsageError):
+    """Another live process holds the folder's lock; the message names it."""
+
+
+def _lock_path(folder: Path) -> Path:
+    return folder.parent / f".{folder.name}.lock"
+
+
 @contextlib.contextmanager
-def atomic_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, command: str = "mlkv") -> Iterator[Path]:
+    """Hold an exclusive OS lock on ``folder`` (existing or not) while the block runs.
+
+    The lock is ``flock`` on ``.<name>.lock`` beside the folder: the kernel releases it when the holder exits, even
+    by ``kill -9``, so a lock never goes stale. A second writer gets a ``FolderInUseError`` naming the holder's
+    pid, command and start time. The lock file itself is left in place (removing it would race a new holder)."""
+    folder = Path(folder).expanduser().absolute()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    path = _lock_path(folder)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            raise FolderInUseError(f"{folder} is in use by {holder}; wait for it to finish or choose another "
+                                   "output folder") from None
+        info = (f"pid {os.getpid()} on {socket.gethostname()} ({command}, started "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, info.encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def clean_stale_temps(dst: str | os.PathLike) -> list[Path]:
+    """Remove the hidden ``.<name>.tmp-*`` folders and files a killed writer of ``dst`` left behind.
+
+    Call it only while holding ``folder_lock(dst)``: then no live writer owns them. Says what it removed."""
+    dst = Path(dst)
+    stale = sorted(dst.parent.glob(f".{dst.name}.tmp-*")) + sorted(dst.parent.glob(f".{dst.name}.old.tmp-*"))
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        print(f"mlkv: removed {path}, left by an interrupted earlier run", file=sys.stderr)
+    return stale
+
+
+@contextlib.contextmanager
+def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, command: str = "mlkv") -> Iterator[Path]:
     """Yield a temporary folder beside ``dst``; on success it becomes ``dst`` by one rename.
 
-    With ``overwrite``, an existing ``dst`` is first renamed aside and deleted only after the new folder is in
-    place, so a crash at any point leaves the old folder or the new one. On an exception the temporary folder is
-    removed and ``dst`` is untouched."""
+    The whole write holds ``folder_lock(dst)``, so two writers of one destination cannot both succeed, and stale
+    temporary folders of a killed writer are removed first. With ``overwrite``, an existing ``dst`` is renamed
+    aside and deleted only after the new folder is in place, so a crash at any point leaves the old folder or the
+    new one. On an exception the temporary folder is removed and ``dst`` is untouched."""
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a finished folder gets the usual mode
-        old = None
-        if dst.exists():
-            old = temp_path(dst.with_name(dst.name + ".old"))
-            os.replace(dst, old)
-        os.replace(tmp, dst)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+    with folder_lock(dst, command):
+        if dst.exists() and not overwrite:
+            raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
+        clean_stale_temps(dst)
+        tmp = temp_path(dst)
+        tmp.mkdir()
+        try:
+            yield tmp
+            old = None
+            if dst.exists():
+                old = temp_path(dst.with_name(dst.name + ".old"))
+                os.replace(dst, old)
+            os.replace(tmp, dst)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise

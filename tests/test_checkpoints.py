@@ -1,0 +1,107 @@
+"""The shared checkpoint helpers: atomic writes, the output-folder lock, dtype names and checkpoint checks."""
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mlkv.checkpoints import (FolderInUseError, atomic_dir, atomic_json, atomic_write, folder_lock, parse_dtype,
+                              require_checkpoint)
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def test_atomic_write_leaves_the_old_file_when_the_writer_fails(tmp_path):
+    path = atomic_write(tmp_path / "a.txt", "old")
+
+    def broken(f):
+        f.write(b"half")
+        raise RuntimeError("disk on fire")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, broken)
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    atomic_json(path, {"x": 1})
+    assert path.read_text() == '{\n  "x": 1\n}\n'
+
+
+def test_atomic_dir_refuses_an_existing_folder_without_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        with atomic_dir(tmp_path / "out"):
+            pass
+
+
+def test_atomic_dir_overwrite_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
+    dst = tmp_path / "out"
+    with atomic_dir(dst) as tmp:
+        (tmp / "weights").write_text("v1")
+    with pytest.raises(RuntimeError):
+        with atomic_dir(dst, overwrite=True) as tmp:
+            (tmp / "weights").write_text("v2-partial")
+            raise RuntimeError("killed mid-write")
+    assert (dst / "weights").read_text() == "v1"
+    with atomic_dir(dst, overwrite=True) as tmp:
+        (tmp / "weights").write_text("v2")
+    assert (dst / "weights").read_text() == "v2"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.lock", "out"]
+    assert (dst.stat().st_mode & 0o777) == (0o777 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_atomic_dir_removes_what_a_killed_writer_left(tmp_path, capsys):
+    stale = tmp_path / ".out.tmp-99999-deadbeef"
+    stale.mkdir()
+    (stale / "weights").write_text("partial")
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "weights").write_text("done")
+    assert not stale.exists() and "left by an interrupted earlier run" in capsys.readouterr().err
+
+
+def test_a_second_writer_gets_a_named_error_while_the_first_holds_the_lock(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(SRC)!r})
+        from mlkv.checkpoints import folder_lock
+        with folder_lock({str(tmp_path / 'run')!r}, "mlkv train"):
+            print("locked", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderInUseError, match=rf"is in use by pid {holder.pid} .*\(mlkv train, started"):
+            with folder_lock(tmp_path / "run"):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    deadline = time.time() + 10
+    while True:  # the kernel released the dead holder's lock
+        try:
+            with folder_lock(tmp_path / "run"):
+                break
+        except FolderInUseError:
+            assert time.time() < deadline
+            time.sleep(0.1)
+
+
+def test_parse_dtype_names_the_flag():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype(torch.float16) is torch.float16
+    with pytest.raises(ValueError, match=r"--dtype \('int3'\) must be one of"):
+        parse_dtype("int3", "--dtype")
+
+
+def test_a_folder_with_a_config_but_no_weights_is_not_a_checkpoint(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="config.json but no weights"):
+        require_checkpoint(tmp_path, "--model")
