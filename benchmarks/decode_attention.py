@@ -4,8 +4,8 @@ For K/V heads 12 (MHA-144's layers) and 1 (MQA / MLKV layers, 12 query heads sha
 head_dim 64, rows left-padded by 0-63 tokens: the time of one attention call and the K/V bytes it must read
 (``B x H_kv x T x D x 2 x 2``) over that time, as a fraction of the copy bandwidth measured in the same run.
 
-* ``engine``: ``mlkv.inference.engine.engine_attention`` as the engine calls it today: additive mask, memory-efficient SDPA,
-  over the 256-column bucket (1280 columns for context 1024).
+* ``engine``: ``mlkv.inference.engine.engine_attention`` as the engine calls it today: additive mask,
+  memory-efficient SDPA, over the 256-column bucket (1280 columns for context 1024).
 * ``engine_exact``: the same over exactly the used columns (rounded up to 16).
 * ``flash_nomask``: SDPA's flash kernel with no mask (rows not padded; an upper bound for a dense kernel).
 * ``flex``: ``torch.nn.attention.flex_attention`` compiled, a BlockMask of partial blocks whose ``mask_mod`` reads
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import finish  # noqa: E402
-from mlkv.inference.bench.run import measure_bandwidth  # noqa: E402
+from mlkv.inference.bench.measure import measure_bandwidth  # noqa: E402
 from mlkv.inference.engine import engine_attention  # noqa: E402
 
 
@@ -62,9 +62,10 @@ def flex_setup(batch: int, kv_len: int, pad: torch.Tensor, col: torch.Tensor, bl
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--context", type=int, default=1024)
-    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_attention.json")
+    parser.add_argument("--context", type=int, default=1024, help="tokens in every row's cache (default 1024)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256], help="batch sizes timed")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "decode_attention.json",
+                        help="the JSON report (default benchmarks/results/decode_attention.json)")
     args = parser.parse_args(argv)
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -19,10 +19,10 @@ import tempfile
 from pathlib import Path
 
 try:
-    from mlkv.inference.bench.run import add_bench_arguments, run_bench_command
+    from mlkv.inference.bench.command import add_bench_arguments, run_bench_command
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from mlkv.inference.bench.run import add_bench_arguments, run_bench_command
+    from mlkv.inference.bench.command import add_bench_arguments, run_bench_command
 
 from mlkv.model.config import preset_config
 
@@ -38,10 +38,9 @@ def tiny_cpu_config():
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_bench_arguments(parser)
-    parser.add_argument("--no-compile", action="store_true",
-                        help="on GPU the run ends with the torch.compile'd engine on the generate and step runs "
-                             "up to --compile-max-batch (until the deadline); this skips it")
-    parser.set_defaults(out=str(RESULTS))
+    # --compile / --no-compile: unset means on (the run ends with the torch.compile'd engine on the generate and step
+    # runs up to --compile-max-batch, until the deadline), except for the CPU smoke run.
+    parser.set_defaults(out=str(RESULTS), compile=None)
     args = parser.parse_args(argv)
     import torch
 
@@ -58,10 +57,11 @@ def main(argv=None) -> int:
                 setattr(args, key, value)
         if args.out == str(RESULTS):
             args.out = str(Path(tempfile.gettempdir()) / "mlkv-bench-cpu-smoke")  # keep the repo clean
+        args.compile = bool(args.compile)
     else:
         if args.deadline_s is None:
             args.deadline_s = 420.0  # one device command under ~8 minutes: later optional runs are skipped
-        args.compile = args.compile or not args.no_compile
+        args.compile = args.compile is not False
         if args.compile_plans is None:  # the two ends of the grid: one compilation (~20-40 s) each
             args.compile_plans = ["MHA-144", "MLKV-1"]
     return run_bench_command(args, model=model)

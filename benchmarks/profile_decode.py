@@ -35,7 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference import tiny_cpu_config  # noqa: E402
 from report import finish  # noqa: E402
-from mlkv.inference.bench.run import DTYPES, _base, _bucket_arg, _build, _prompts, _sync  # noqa: E402
+from mlkv.checkpoints import default_device, parse_dtype  # noqa: E402
+from mlkv.inference.bench.measure import random_prompts, sync  # noqa: E402
+from mlkv.inference.bench.run import build_model, resolve_model  # noqa: E402
+from mlkv.inference.bench.settings import parse_bucket  # noqa: E402
 from mlkv.inference.engine import MLKVEngine  # noqa: E402
 from mlkv.model.sharing import resolve_plan  # noqa: E402
 
@@ -66,19 +69,19 @@ def top_kernels(events: list[tuple[str, float]], n: int) -> list[dict]:
 def decode_seconds(engine: MLKVEngine, rows: list[list[int]], steps: int, device) -> float:
     """Prefill ``rows`` afresh (untimed), then the wall time of ``steps`` decode steps."""
     first_col = engine.prefill(rows)
-    _sync(device)
+    sync(device)
     t = time.perf_counter()
     engine.decode(steps, first_col)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", metavar="DIR_OR_PRESET", nargs="?", default="pythia-160m",
                     help="a preset (default pythia-160m; a tiny 12x12 model on CPU) or a checkpoint directory")
     ap.add_argument("--plan", default="MHA-144", help="sharing plan (default MHA-144)")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=1, help="rows decoded together (default 1)")
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens (512; 32 on CPU)")
     ap.add_argument("--new-tokens", type=int, default=None,
                     help="new tokens of the profiled generate, that many - 1 decode steps (128; 8 on CPU)")
@@ -91,18 +94,38 @@ def main(argv=None) -> dict:
                     help="torch._inductor.config.coordinate_descent_tuning = True before compiling")
     ap.add_argument("--repeats", type=int, default=3, help="unprofiled timed decodes (median)")
     ap.add_argument("--top", type=int, default=15, help="kernels listed")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the random weights and prompts")
     ap.add_argument("--out", default=None, help="write the JSON report here too")
-    args = ap.parse_args(argv)
+    return ap
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+def print_profile(report: dict, cuda: bool) -> None:
+    """The run's settings, the per-step times, then the top kernels (or CPU ops) by total time."""
+    print(f"{report['device']}, {report['dtype']}, {report['source']}, plan {report['plan']}, batch "
+          f"{report['batch']}, prompt {report['prompt_len']}, {report['steps']} decode steps; engine "
+          f"{'compiled' if report['compiled'] else 'eager step'}{' + CUDA graphs' if report['cuda_graphs'] else ''}"
+          f", bucket {report['bucket'] or 'none (whole cache)'}"
+          f"{', coordinate descent' if report['coordinate_descent'] else ''}")
+    unit = "kernel" if cuda else "cpu op"
+    print(f"wall {report['step_ms']:.4g} ms/step ({report['profiled_step_ms']:.4g} profiled); {unit} time "
+          f"{report['kernel_ms_per_step']:.4g} ms/step; {report['kernels_per_step']:.4g} {unit}s/step; busy "
+          f"{report['busy_fraction']:.1%} of the profiled wall time")
+    print(f"{'name':<{NAME_WIDTH}} {'count':>7} {'total us':>11} {'mean us':>9}")
+    for k in report["top"]:
+        print(f"{k['name']:<{NAME_WIDTH}} {k['count']:>7} {k['total_us']:>11.1f} {k['mean_us']:>9.2f}")
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
+
+    device = torch.device(args.device or default_device())
     cuda = device.type == "cuda"
     if cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
-    dtype_name = (args.dtype or ("bf16" if cuda else "fp32")).lower()
-    if dtype_name not in DTYPES:
-        raise SystemExit(f"--dtype ({args.dtype!r}) must be one of {sorted(DTYPES)}")
-    dtype = DTYPES[dtype_name]
+    try:
+        dtype = parse_dtype(args.dtype or ("bf16" if cuda else "fp32"), "--dtype")
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     compile_ = cuda if args.compile is None else args.compile
     if args.coordinate_descent and not compile_:
         raise SystemExit("--coordinate-descent tunes torch.compile's kernels: it needs the compiled engine")
@@ -120,26 +143,26 @@ def main(argv=None) -> dict:
         if value < low:
             raise SystemExit(f"{name} ({value}) must be at least {low}")
 
-    config, loaded, source = _base(tiny_cpu_config() if tiny else args.model)
+    config, loaded, source = resolve_model(tiny_cpu_config() if tiny else args.model)
     plan = resolve_plan(args.plan, config.num_hidden_layers, config.num_attention_heads)
-    model, weights = _build(config, loaded, plan, device, dtype, args.seed)
-    rows = _prompts(args.batch, prompt_len, config.vocab_size, args.seed).tolist()
+    model, weights = build_model(config, loaded, plan, device, dtype, args.seed)
+    rows = random_prompts(args.batch, prompt_len, config.vocab_size, args.seed).tolist()
     steps = new_tokens - 1
 
-    engine = MLKVEngine(model, compile=compile_, bucket=_bucket_arg(args.bucket))
+    engine = MLKVEngine(model, compile=compile_, bucket=parse_bucket(args.bucket))
     with torch.no_grad():
         t = time.perf_counter()
         engine.generate(rows, new_tokens, stop_tokens=[])  # graph capture, compilation
-        _sync(device)
+        sync(device)
         warmup_s = time.perf_counter() - t
         step_s = statistics.median(decode_seconds(engine, rows, steps, device) for _ in range(args.repeats)) / steps
         first_col = engine.prefill(rows)
-        _sync(device)
+        sync(device)
         activities = [ProfilerActivity.CUDA] if cuda else [ProfilerActivity.CPU]
         with profile(activities=activities) as prof:
             t = time.perf_counter()
             engine.decode(steps, first_col)
-            _sync(device)
+            sync(device)
             profiled_s = time.perf_counter() - t
     events = device_events(prof, cuda)
     busy_us = sum(us for _, us in events)
@@ -155,18 +178,7 @@ def main(argv=None) -> dict:
         "busy_fraction": busy_us / (profiled_s * 1e6), "top": top_kernels(events, args.top),
     }
     engine.release()
-
-    print(f"{report['device']}, {report['dtype']}, {report['source']}, plan {report['plan']}, batch {args.batch}, "
-          f"prompt {prompt_len}, {steps} decode steps; engine {'compiled' if compile_ else 'eager step'}"
-          f"{' + CUDA graphs' if engine.cuda_graphs else ''}, bucket {engine.bucket or 'none (whole cache)'}"
-          f"{', coordinate descent' if args.coordinate_descent else ''}")
-    unit = "kernel" if cuda else "cpu op"
-    print(f"wall {report['step_ms']:.4g} ms/step ({report['profiled_step_ms']:.4g} profiled); {unit} time "
-          f"{report['kernel_ms_per_step']:.4g} ms/step; {report['kernels_per_step']:.4g} {unit}s/step; busy "
-          f"{report['busy_fraction']:.1%} of the profiled wall time")
-    print(f"{'name':<{NAME_WIDTH}} {'count':>7} {'total us':>11} {'mean us':>9}")
-    for k in report["top"]:
-        print(f"{k['name']:<{NAME_WIDTH}} {k['count']:>7} {k['total_us']:>11.1f} {k['mean_us']:>9.2f}")
+    print_profile(report, cuda)
     if args.out:
         return finish(report, Path(args.out))
     print(json.dumps(report))

@@ -198,6 +198,21 @@ def test_engine_attention_equals_model_sdpa():
             assert torch.allclose(engine_attention(q, k[:, :, :T], v[:, :, :T], None, 0.25), causal, atol=1e-5)
 
 
+def test_full_context_step_runs_one_step_and_never_grows_the_cache():
+    """The public step-timing API: each call runs exactly one greedy decode step from the last cache column."""
+    model = paper_model("MLKV-4")
+    engine = MLKVEngine(model, bucket=None)
+    run_one_step = engine.full_context_step(3, 20)
+    assert (engine.batch_size, engine.max_len, engine.captured_graphs) == (3, 20, 0)  # no graphs on CPU
+    storage = engine.cache.storage
+    for _ in range(3):
+        run_one_step()
+        assert int(engine.col) == 20 and int(engine.step) == 1  # one step, from column 19
+        assert torch.equal(engine.out[:, 0], engine.tok[:, 0])  # its greedy token, fed to the next step
+    assert engine.cache.storage is storage
+    assert model.config._attn_implementation == "sdpa"  # the engine's attention only while a step runs
+
+
 def test_argument_errors():
     model = paper_model("MLKV-1")
     engine = MLKVEngine(model)
@@ -233,7 +248,7 @@ def test_cuda_graphs_greedy_equals_hf_generate(name):
     engine = MLKVEngine(model, bucket=8)
     assert engine.cuda_graphs
     assert_matches_hf(model, engine, [5, 11, 8])
-    assert len(engine._graphs) >= 2  # one graph per attention-length bucket, replayed
+    assert engine.captured_graphs >= 2  # one graph per attention-length bucket, replayed
     assert_matches_hf(model, engine, [9, 3, 4], seed=1)  # replays of the same graphs, other prompts
 
 
@@ -267,22 +282,15 @@ def test_cuda_compiled_engine_equals_eager():
 
 @pytest.mark.gpu
 @needs_cuda
-def test_cuda_max_batch_under_a_budget():
-    from mlkv.inference.bench.run import _set_budget, cuda_try_fit, find_max_batch, step_activation_bytes
-
-    model = paper_model("MHA-144").cuda()
-    context, spare = 512, 64 << 20
-    card = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.empty_cache()
-    budget = torch.cuda.memory_allocated() + spare
-    _set_budget("cuda", budget, card)
-    try:
-        got = find_max_batch(model, context, cuda_try_fit(), budget)["max_batch"]
-    finally:
-        _set_budget("cuda", None, card)
-    per_row = MLKVEngine.buffer_bytes(model.config, 1, context, torch.float32)
-    assert got * per_row <= spare  # the cache alone must fit
-    assert got >= 0.5 * spare / (per_row + step_activation_bytes(model.config, 1, torch.float32))
+def test_cuda_full_context_step_replays_one_captured_graph():
+    model = paper_model("MLKV-6").cuda()
+    engine = MLKVEngine(model, bucket=8)
+    run_one_step = engine.full_context_step(4, 40)
+    assert engine.captured_graphs == 1  # the full-context greedy step, captured once
+    for _ in range(3):
+        run_one_step()
+    torch.cuda.synchronize()
+    assert int(engine.col) == 40 and int(engine.step) == 1 and engine.captured_graphs == 1
 
 
 def test_engine_built_under_inference_mode_generates_outside_it():

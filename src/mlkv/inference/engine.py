@@ -8,6 +8,7 @@ Usage::
     out.tokens                                                   # list of new-token lists, cut after a stop token
     out = engine.generate(prompts, 32, do_sample=True, temperature=0.8, top_k=50, top_p=0.95, seed=0,
                           stop_tokens=[[7], [9, 11]])            # one stop set per row (or one list for all rows)
+    step = engine.full_context_step(batch_size=64, context=1024)  # for timing: each call runs one decode step
 
 Design
 ------
@@ -50,6 +51,7 @@ an attention function.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -611,7 +613,13 @@ class MLKVEngine:
         output[:, :out.shape[1]] = out
         return Generation(tokens, output, [len(r) for r in rows], steps, prefill_s, decode_s, finished)
 
-    # ---- memory probe -----------------------------------------------------------------------------------------------
+    @property
+    def captured_graphs(self) -> int:
+        """How many decode steps are captured as CUDA graphs now (one per attention length, sampling mode and
+        stop-token check that a call needed)."""
+        return len(self._graphs)
+
+    # ---- memory probe and step timing -------------------------------------------------------------------------------
     @torch.no_grad()
     def probe_step(self, batch_size: int, context: int) -> None:
         """Allocate for ``batch_size`` x ``context`` and run one greedy decode step over the full context (no
@@ -627,6 +635,29 @@ class MLKVEngine:
             self._decode_step(context, Sampling().key, False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @torch.no_grad()
+    def full_context_step(self, batch_size: int, context: int) -> Callable[[], None]:
+        """A function that runs exactly ONE greedy decode step of ``batch_size`` rows over a full ``context``-token
+        cache, for timing a step (``mlkv bench``'s decode speed at the max batch).
+
+        Allocates and warms up as ``probe_step`` does (the cache holds zeros rather than a prefill: a memory-bound
+        step's time does not depend on the values), captures the step as a CUDA graph when the engine uses graphs,
+        and returns a function that rewinds to the last cache column and runs the step (graph replay, compiled or
+        eager step), so that every call does the same work and the cache never grows. Asynchronous on CUDA: the
+        caller synchronizes around it."""
+        self.probe_step(batch_size, context)
+        key = Sampling().key
+        if self.cuda_graphs:
+            self._capture(context, key, False)
+
+        def run_one_step() -> None:
+            with torch.no_grad():
+                self.col.fill_(context - 1)  # the same last column every time: the cache never grows
+                self.step.zero_()
+                self._run_step(context, key, False)
+
+        return run_one_step
 
 
 def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0.0, top_k: int | None = None,

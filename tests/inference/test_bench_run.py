@@ -1,6 +1,5 @@
-"""The inference benchmark on CPU: the max-batch search against fake allocators, outputs, argument errors."""
+"""run_bench on CPU: outputs, argument errors, the compiled-engine plumbing; benchmarks/profile_decode.py."""
 
-import argparse
 import csv
 import json
 import subprocess
@@ -10,80 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlkv.inference.bench.run import (add_bench_arguments, find_max_batch, find_max_context, run_bench, run_bench_command,
-                        search_max, time_full_step, weight_bytes)
+import mlkv.inference.bench.run as bench
+from bench_fakes import fake_allocator
+from mlkv.inference.bench.run import resolve_model, run_bench
 from mlkv.model.config import preset_config
-from tiny import tiny_model
-
+from tiny import tiny_config, tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.mark.parametrize("answer", [0, 1, 2, 7, 100, 1023, 4096, 99_999])
-@pytest.mark.parametrize("guess", [1, 5, 1000, 10**6])
-def test_search_max_finds_the_limit(answer, guess):
-    probed = []
-
-    def fits(n):
-        probed.append(n)
-        return n <= answer
-
-    n, probes = search_max(fits, guess)
-    assert n == answer
-    assert probes == len(set(probed)) <= 2 * 20 + 4  # gallop + bisection: logarithmic
-    assert all(p >= 1 for p in probed)
-
-
-def test_search_max_respects_the_limit():
-    probed = []
-    n, _ = search_max(lambda b: probed.append(b) or True, guess=10, limit=300)
-    assert n == 300 and max(probed) == 300
-    assert search_max(lambda b: b <= 40, guess=1000, limit=64)[0] == 40
-    with pytest.raises(ValueError, match="limit"):
-        search_max(lambda b: True, limit=0)
-
-
-def fake_allocator(budget: int, overhead: int = 1000):
-    """A device that holds ``budget`` bytes: weights + the producer-only cache + a fixed per-row overhead."""
-    calls = []
-
-    def try_fit(model, batch, context):
-        calls.append((batch, context))
-        cfg = model.config
-        kv = cfg.sharing.kv_bytes_per_token(cfg.head_dim, next(model.parameters()).dtype)
-        return weight_bytes(model) + batch * (context * kv + overhead) <= budget
-
-    return try_fit, calls
-
-
-def expected_max(model, budget, context=None, batch=None, overhead=1000):
-    cfg = model.config
-    kv = cfg.sharing.kv_bytes_per_token(cfg.head_dim, torch.float32)
-    spare = budget - weight_bytes(model)
-    if context is not None:
-        return spare // (context * kv + overhead)
-    return (spare // batch - overhead) // kv
-
-
-@pytest.mark.parametrize("plan", ["mha", "mqa", "2x1", [0, 0, 2, 2]], ids=str)
-def test_max_batch_and_context_against_fake_allocator(plan):
-    model = tiny_model("gpt_neox", plan)
-    budget = weight_bytes(model) + 3_000_000
-    try_fit, calls = fake_allocator(budget)
-    got = find_max_batch(model, 100, try_fit, budget)
-    assert got["max_batch"] == expected_max(model, budget, context=100)
-    assert got["probes"] == len(set(calls)) < 30
-    assert {c for _, c in calls} == {100}
-    got = find_max_context(model, 8, try_fit, budget)
-    assert got["max_context"] == expected_max(model, budget, batch=8)
-    assert got["beyond_max_position"] == (got["max_context"] > model.config.max_position_embeddings)
-
-
 def tiny_bench(tmp_path, **kw):
     config = preset_config("tiny-neox", max_position_embeddings=128)
-    args = dict(plans=["mha", "2x1"], batches=[1, 3], prompt_len=6, new_tokens=5, step_context=24,
-                step_batches=[2], step_tokens=4, context=64, context_batch=4, repeats=1, device="cpu",
-                out_dir=tmp_path, progress=False, strict=True, print_table=False)
+    args = dict(plans=["mha", "2x1"], batch=[1, 3], prompt_len=6, new_tokens=5, step_context=24,
+                step_batch=[2], step_tokens=4, context=64, context_batch=4, repeats=1, device="cpu",
+                out=tmp_path, progress=False, strict=True, print_table=False)
     return config, run_bench(config, **{**args, **kw})
 
 
@@ -118,31 +57,14 @@ def test_run_bench_cpu_outputs(tmp_path, capsys):
     assert any(line.lstrip().startswith("MHA") for line in out)
 
 
-def test_run_bench_simulated_allocator_and_cli(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_bench_arguments(parser)
-    args = parser.parse_args(["tiny-llama", "--plans", "mha", "mqa", "--batch", "2", "--prompt-len", "4",
-                              "--new-tokens", "3", "--step-context", "16", "--step-batch", "1,2", "--step-tokens",
-                              "3", "--context", "32", "--context-batch", "2", "--no-hf", "--device", "cpu",
-                              "--repeats", "1", "--budget-gb", "0.01", "--out", str(tmp_path), "--no-progress",
-                              "--bucket", "4"])
-    assert run_bench_command(args) == 0
-    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["errors"] == []
-    assert last["bench"]["MQA"]["max_batch"] > last["bench"]["MHA"]["max_batch"] > 0
-    data = json.loads((tmp_path / "inference.json").read_text())
-    assert data["meta"]["fit_method"].startswith("simulated")
-    assert data["meta"]["settings"]["bucket"] == 4
-
-
 @pytest.mark.parametrize("kw,match", [
     (dict(budget_gb=1e-6), r"budget \(1e-06 GB\) is smaller than the model weights \(.* GB"),
     (dict(budget_gb=-1), r"budget \(-1 GB\) must be positive"),
     (dict(context=4096), r"context \(4096\) is longer than max_position_embeddings \(128\)"),
     (dict(step_context=200), r"step context \(200\) is longer than max_position_embeddings \(128\)"),
     (dict(prompt_len=120, new_tokens=20), r"prompt length \+ new tokens \(140\) is longer than max_position"),
-    (dict(batches=[0]), r"batch sizes \(0\) must be positive"),
-    (dict(step_batches=["x"]), r"step batch sizes \('x'\) must be positive"),
+    (dict(batch=[0]), r"batch sizes \(0\) must be positive"),
+    (dict(step_batch=["x"]), r"step batch sizes \('x'\) must be positive"),
     (dict(plans=["mlkv-99"]), r"ambiguous or impossible"),
     (dict(dtype="int8"), r"dtype \('int8'\) must be one of"),
     (dict(bucket=0), r"bucket \(0\) must be a positive number of cache columns"),
@@ -156,15 +78,11 @@ def test_argument_errors(tmp_path, kw, match):
 def test_a_config_without_weights_benchmarks_its_shape(tmp_path):
     """A folder with only config.json (e.g. a reproduction's base_config) is benchmarked with random weights;
     with weights its own plan would load them."""
-    from mlkv.inference.bench.run import _base
-
-    from tiny import tiny_config
-
     tiny_config().save_pretrained(tmp_path)
-    config, loaded, source = _base(tmp_path)
+    config, loaded, source = resolve_model(tmp_path)
     assert loaded is None and "no weights: random" in source and config.num_hidden_layers == 4
     tiny_model().save_pretrained(tmp_path)
-    assert _base(tmp_path)[1] == tmp_path
+    assert resolve_model(tmp_path)[1] == tmp_path
 
 
 def test_unknown_model():
@@ -172,53 +90,11 @@ def test_unknown_model():
         run_bench("no-such-model", device="cpu", progress=False)
 
 
-def test_time_full_step_runs_a_full_context_step():
-    """The decode-at-max-batch timing: a full-context greedy step at the given batch, with no cache growth."""
-    model = tiny_model("gpt_neox", "mqa")
-    r = time_full_step(model, 3, 20, "cpu", iters=2)
-    assert r["batch"] == 3 and r["context"] == 20 and r["step_ms"] > 0
-    assert r["decode_tok_s"] == pytest.approx(3 / (r["step_ms"] / 1e3))
-
-
-def test_time_at_max_batch_backs_off_after_out_of_memory(monkeypatch):
-    """At the allocator's edge the timed step may not fit: each OOM retries at 95% of the batch, and the result
-    names both the batch timed and the search's max batch; an OOM on every try is raised."""
-    import mlkv.inference.bench.run as bench
-
-    tried = []
-
-    def fake_step(model, batch, context, device):
-        tried.append(batch)
-        if batch > 900:
-            raise torch.OutOfMemoryError("CUDA out of memory")
-        return {"batch": batch, "context": context, "step_ms": 1.0, "decode_tok_s": batch * 1e3}
-
-    monkeypatch.setattr(bench, "time_full_step", fake_step)
-    r = bench.time_at_max_batch(None, 1000, 64, "cpu")
-    assert tried == [1000, 950, 902, 856] and r["batch"] == 856 and r["max_batch"] == 1000 and r["backoffs"] == 3
-    tried.clear()
-    with pytest.raises(torch.OutOfMemoryError):
-        bench.time_at_max_batch(None, 5000, 64, "cpu", tries=2)
-    assert tried == [5000, 4750]
-
-    def broken_step(model, batch, context, device):  # not an out-of-memory error: no retry
-        tried.append(batch)
-        raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
-
-    tried.clear()
-    monkeypatch.setattr(bench, "time_full_step", broken_step)
-    with pytest.raises(RuntimeError, match="EXECUTION_FAILED"):
-        bench.time_at_max_batch(None, 1000, 64, "cpu")
-    assert tried == [1000]
-
-
 def test_compile_times_generate_and_step_rows(tmp_path, monkeypatch, capsys):
     """--compile times the compiled engine on the generate and step rows up to compile_max_batch, on the rows' own
     prompts, and rates the step rows against the same HBM bound as the other paths. The compiled run itself is
     faked (inductor on CPU takes minutes): what is tested is the plumbing."""
-    import mlkv.inference.bench.run as bench
-
-    real_run, eager_prompts, compiled_calls = bench._engine_run, [], []
+    real_run, eager_prompts, compiled_calls = bench.engine_run, [], []
 
     def engine_run(model, prompts, new_tokens, repeats, device, engine_kwargs):
         if not engine_kwargs.get("compile"):
@@ -229,8 +105,8 @@ def test_compile_times_generate_and_step_rows(tmp_path, monkeypatch, capsys):
         return {"step_ms": 0.25, "decode_tok_s": B * 4e3, "e2e_tok_s": B * 3e3, "prefill_tok_s": 1e5,
                 "peak_bytes": None, "cache_bytes": 0, "compiled": True, "tokens": torch.zeros(B, new_tokens)}
 
-    monkeypatch.setattr(bench, "_engine_run", engine_run)
-    _, report = tiny_bench(tmp_path, plans=["mha"], step_batches=[2, 5], compile=True, compile_max_batch=2,
+    monkeypatch.setattr(bench, "engine_run", engine_run)
+    _, report = tiny_bench(tmp_path, plans=["mha"], step_batch=[2, 5], compile=True, compile_max_batch=2,
                            bucket=8, search=False, print_table=True)
     (r,) = report["plans"]
     assert [(run, row["batch"]) for run in ("generate", "step") for row in r[run]
@@ -260,8 +136,6 @@ def test_compile_times_generate_and_step_rows(tmp_path, monkeypatch, capsys):
 
 
 def test_compile_deadline_skips_compiled_runs(tmp_path, monkeypatch):
-    import mlkv.inference.bench.run as bench
-
     monkeypatch.setattr(bench, "COMPILE_RESERVE_S", 1e9)
     _, report = tiny_bench(tmp_path, plans=["mha"], compile=True, compile_max_batch=4, deadline_s=1e6,
                            search=False, hf=False)
@@ -285,3 +159,14 @@ def test_profile_decode_cpu_smoke(tmp_path):
     assert len(last["top"]) == 4 and set(last["top"][0]) == {"name", "count", "total_us", "mean_us"}
     totals = [k["total_us"] for k in last["top"]]
     assert totals == sorted(totals, reverse=True)
+
+
+def test_the_package_exports_the_public_names():
+    import mlkv.inference.bench as pkg
+    from mlkv.inference.bench.measure import time_full_step
+    from mlkv.inference.bench.settings import BenchSettings
+
+    assert pkg.run_bench is run_bench and pkg.BenchSettings is BenchSettings and pkg.time_full_step is time_full_step
+    assert set(pkg.__all__) <= set(dir(pkg))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        pkg.nothing  # noqa: B018
