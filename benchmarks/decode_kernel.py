@@ -13,13 +13,18 @@ For 12 query heads of head_dim 64 (Pythia-160M's attention) in groups of 1, 3 an
 
 Each number is the GPU time of one call inside a CUDA graph of many calls (what the engine's graphs see; eager
 launch overhead is reported separately as ``us_eager``), over rotating copies of the cache so that reads come from
-HBM, not L2 (``--warm-l2`` to reuse one copy). The bandwidth column is the K/V bytes a call must read
+HBM, not L2 (``--warm-l2`` to reuse one copy; shapes under ~1.5 MB still fit 32 copies in L2, but those are
+latency-bound anyway). The bandwidth column is the K/V bytes a call must read
 (``B x H_kv x T x D x 2 x 2``) over its time, as a fraction of the device-copy bandwidth measured in the same run
 ((read + write) / time of a 1 GiB copy, the convention of ``mlkv bench``). Also reported: the max error against the
 fp32 reference on the first rows for ``ours`` and ``sdpa_mask`` (the issue's bar: ours at most twice SDPA's).
 
     python benchmarks/decode_kernel.py --out benchmarks/results/decode_kernel_h200/decode_kernel.json
+    python benchmarks/decode_kernel.py --kernels flex --batches 1 64 256 --contexts 1024 4096   # flex compiles per shape
     python benchmarks/decode_kernel.py --tune   # sweep BLOCK_N / warps / stages / splits on a few shapes
+
+``--budget-s`` (default 480 s) stops starting new shapes so that one run fits a 10-minute device command; the
+skipped shapes are listed in the report.
 
 Prints a table and ends with one JSON line; ``--out`` also writes the JSON and a plot (``.png`` beside it). CUDA only.
 """

@@ -3,8 +3,9 @@
 Shapes. ``q`` is (B, H, D) or (B, H, 1, D); the output has ``q``'s shape and dtype. ``k_cache`` / ``v_cache`` are
 (B, H_kv, T_max, D) views of the static cache, possibly non-contiguous slices of a bigger buffer (any strides, but
 the last dimension contiguous). ``start`` / ``end`` are int32 (or int64) device tensors of shape (B,): row ``b``
-attends to columns ``[start[b], end[b])`` (left padding and per-row positions without a mask tensor). Query head
-``h`` reads K/V head ``h // G`` with ``G = H // H_kv`` (the grouping of ``repeat_interleave`` / ``enable_gqa``).
+attends to columns ``[start[b], end[b])`` (left padding and per-row positions without a mask tensor), clamped to
+``[0, T_max)``. Query head ``h`` reads K/V head ``h // G`` with ``G = H // H_kv`` (the grouping of
+``repeat_interleave`` / ``enable_gqa``).
 
 Why pack the group into M. A decode step has one query per head, so a program that handles one query head does a
 (1 x D) @ (D x N) product: the tensor cores idle and, worse, the G query heads that share a K/V head each re-read
@@ -30,23 +31,27 @@ empty (``start == end``) all ``w_s`` are zero and the output is zeros, not NaN. 
 merge: stage 1 writes the normalised output straight into ``out`` and the second kernel is not launched.
 
 Tuning (H100 / H200, bf16/fp16). The kernel is bound by HBM reads, so the tile only has to keep enough bytes in
-flight: BLOCK_N = 128 columns for D = 64 and 64 for D = 128 make every K and V tile 16 KB; 4 warps; 3 pipeline
-stages (2 x 3 x 16 KB = 96 KB of shared memory, two programs per SM on 228 KB). fp32 (tests, the engine's fp32
-equality check) uses BLOCK_N = 32 and 2 stages, with IEEE dots instead of TF32. ``choose_num_splits`` aims at
-``4 x SMs`` programs (two waves of two resident programs per SM), never more splits than BLOCK_N blocks in
-``T_max`` nor than ``MAX_SPLITS``. ``benchmarks/decode_kernel.py --tune`` sweeps these on the real GPU.
+flight: BLOCK_N = 128 columns for D = 64 and 64 for D = 128 make every K and V tile 16 KB; 4 warps (M is only 16,
+more warps would only split N further); 3 pipeline stages, so the next block's K and V are in flight (cp.async)
+while the current one is multiplied. Compiled for sm_90 (Triton 3.6, bf16, D = 64) that is 72 KB of shared memory
+and 106 registers, no spills: three programs resident per SM. fp32 (tests, the engine's fp32 equality check) uses
+BLOCK_N = 32 and 2 stages, with IEEE dots instead of TF32. ``choose_num_splits`` aims at ``4 x SMs`` programs
+(a bit over one wave of three per SM, so short rows and the tail even out), never more splits than BLOCK_N blocks
+in ``T_max`` nor than ``MAX_SPLITS``. These are first guesses from the shapes, not measurements:
+``benchmarks/decode_kernel.py --tune`` sweeps BLOCK_N, warps, stages and the split count on the real GPU.
 
 Entry points: ``decode_attention`` (the op ``torch.ops.mlkv.decode_attention``, opaque to ``torch.compile`` through
 its fake implementation, capturable in CUDA graphs: no host sync, scratch from the caching allocator),
 ``decode_attention_reference`` (eager fp32, the ground truth) and ``supported`` (when the engine may use it). Triton
-is imported lazily, on the first launch: importing this module needs only torch, and ``TRITON_INTERPRET=1`` set any
-time before that first launch runs the kernels on CPU tensors under Triton's interpreter.
+is imported lazily, on the first launch, so importing this module needs only torch. Under ``TRITON_INTERPRET=1`` the
+kernels run on CPU tensors in Triton's interpreter; it must be set before Triton is first imported (Triton's own
+``tl.cdiv``, ``tl.max``... are decorated then), and ``import torch._dynamo`` (so transformers, so ``mlkv``) already
+imports Triton: set it in the environment of the process.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
@@ -154,7 +159,7 @@ def _check(q, k_cache, v_cache, start, end) -> None:
                          f"k {tuple(k_cache.shape)}, v {tuple(v_cache.shape)}")
     if H % k_cache.shape[1]:
         raise ValueError(f"{H} query heads are not a multiple of {k_cache.shape[1]} K/V heads")
-    if start.shape != (B,) or end.shape != (B,) or start.dtype not in (torch.int32, torch.int64):
+    if start.shape != (B,) or end.shape != (B,) or {start.dtype, end.dtype} - {torch.int32, torch.int64}:
         raise ValueError(f"start and end must be int32/int64 of shape ({B},), got {tuple(start.shape)} "
                          f"{start.dtype} and {tuple(end.shape)} {end.dtype}")
     if any(t.stride(-1) != 1 for t in (q, k_cache, v_cache)):
@@ -222,7 +227,7 @@ def _launch(q, k_cache, v_cache, start, end, scale, num_splits, out, config: dic
         q3, k_cache, v_cache, start, end, part_o, part_lse, o3, scale * LOG2E,
         q3.stride(0), q3.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), o3.stride(0), o3.stride(1),
-        H, G, num_splits, M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=D,
+        H, G, T, num_splits, M_BLOCKS=m_blocks, BLOCK_M=block_m, BLOCK_N=cfg["BLOCK_N"], HEAD_DIM=D,
         DIRECT=direct, F32_DOT=_f32_dot(q.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     if not direct:
         merge[(B * H,)](part_o, part_lse, o3, H, o3.stride(0), o3.stride(1), num_splits,
@@ -231,7 +236,8 @@ def _launch(q, k_cache, v_cache, start, end, scale, num_splits, out, config: dic
 
 @functools.lru_cache(maxsize=None)
 def _kernels():
-    """Import Triton and define the two kernels, once. ``TRITON_INTERPRET`` is read here (at ``triton.jit``)."""
+    """Import Triton and define the two kernels, once (``triton.jit`` reads ``TRITON_INTERPRET`` here; Triton's own
+    library functions read it when Triton is first imported)."""
     try:
         import triton
         import triton.language as tl
@@ -245,7 +251,7 @@ def _define_stage1(triton, tl):
     @triton.jit
     def _stage1(Q, K, V, Start, End, PartO, PartLse, Out, qk_scale,
                 stride_qb, stride_qh, stride_kb, stride_kh, stride_kt, stride_vb, stride_vh, stride_vt,
-                stride_ob, stride_oh, H, G, num_splits,
+                stride_ob, stride_oh, H, G, T, num_splits,
                 M_BLOCKS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                 DIRECT: tl.constexpr, F32_DOT: tl.constexpr):
         """Program (row b, K/V head x M block, split s): its share of the row's blocks for G packed query heads."""
@@ -260,8 +266,8 @@ def _define_stage1(triton, tl):
                     other=0.0)  # (M, D)
         if F32_DOT:
             q = q.to(tl.float32)
-        start = tl.load(Start + b).to(tl.int32)
-        end = tl.load(End + b).to(tl.int32)
+        start = tl.maximum(tl.load(Start + b).to(tl.int32), 0)
+        end = tl.minimum(tl.load(End + b).to(tl.int32), T)  # never read past the cache view
         first = start // BLOCK_N
         n_blocks = tl.where(end > start, tl.cdiv(end, BLOCK_N) - first, 0)
         per_split = tl.cdiv(n_blocks, num_splits)
