@@ -20,7 +20,7 @@ latency-bound anyway). The bandwidth column is the K/V bytes a call must read
 fp32 reference on the first rows for ``ours`` and ``sdpa_mask`` (the issue's bar: ours at most twice SDPA's).
 
     python benchmarks/decode_kernel.py --out benchmarks/results/decode_kernel_h200/decode_kernel.json
-    python benchmarks/decode_kernel.py --kernels flex --batches 1 64 256 --contexts 1024 4096   # flex compiles per shape
+    python benchmarks/decode_kernel.py --kernels flex --batches 1 64 256 --contexts 1024 4096  # compiles per shape
     python benchmarks/decode_kernel.py --tune   # sweep BLOCK_N / warps / stages / splits on a few shapes
 
 ``--budget-s`` (default 480 s) stops starting new shapes so that one run fits a 10-minute device command; the
