@@ -302,3 +302,35 @@ def test_engine_built_under_inference_mode_generates_outside_it():
     model.to(torch.float64)
     with pytest.raises(RuntimeError, match="changed dtype/device since this engine was built"):
         engine.generate([[1, 2, 3]], 2)
+
+
+@pytest.mark.parametrize("name", ["MHA-144", "MLKV-12", "MLKV-1"])
+@pytest.mark.parametrize("lengths", [[5, 9, 1], [1]], ids=["left-padded", "one-token-prompt"])
+def test_decode_kernel_path_gives_hf_greedy_tokens(monkeypatch, name, lengths):
+    """The engine's plumbing for the decode kernel (per-row [start, end) columns instead of the mask), with the
+    kernel's fp32 reference standing in for the Triton kernel on CPU."""
+    from mlkv.inference import kernels
+
+    calls = []
+
+    def reference(q, k, v, start, end, scale):
+        calls.append((start.tolist(), end.tolist()))
+        return kernels.decode_attention_reference(q, k, v, start, end, scale).to(q.dtype)
+
+    monkeypatch.setattr(kernels, "supported", lambda q, k, v=None: True)
+    monkeypatch.setattr(kernels, "decode_attention", reference)
+    model = paper_model(name)
+    engine = MLKVEngine(model, decode_attention="triton")
+    assert engine.decode_attention == "triton"
+    assert_matches_hf(model, engine, lengths)
+    P = max(lengths)
+    assert calls and calls[-1][0] == [P - n for n in lengths] and calls[-1][1] == [P + NEW - 1] * len(lengths)
+
+
+def test_decode_attention_setting_is_checked():
+    model = paper_model("MLKV-6")
+    assert MLKVEngine(model, decode_attention="auto").decode_attention == "sdpa"  # CPU: no kernel
+    with pytest.raises(ValueError, match="decode_attention='triton' needs a CUDA model"):
+        MLKVEngine(model, decode_attention="triton")
+    with pytest.raises(ValueError, match=r"decode_attention \('flash'\) must be one of sdpa, triton, auto"):
+        MLKVEngine(model, decode_attention="flash")

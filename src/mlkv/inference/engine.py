@@ -58,6 +58,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mlkv.inference import kernels
 from mlkv.model.modeling import ATTENTION_FUNCTIONS
 
 ENGINE_ATTENTION = "mlkv_engine"
@@ -65,7 +66,18 @@ MASK_ALIGN = 16  # mask row stride multiple that the memory-efficient SDPA kerne
 ATTN_BATCH_CHUNK = 32768  # CUDA grid dims y/z are < 65536: split larger batches for the attention kernel
 
 
+DECODE_ATTENTION = ("sdpa", "triton", "auto")  # MLKVEngine(decode_attention=...); "auto": triton where supported
+
+
 # ---- attention ------------------------------------------------------------------------------------------------------
+class _DecodeRanges:
+    """Per-row valid cache columns ``[start, end)`` (int32 device tensors, shape (B,)) of the engine that is running,
+    read by ``engine_attention`` to call the decode kernel; ``None`` while no engine uses the kernel."""
+
+    start: torch.Tensor | None = None
+    end: torch.Tensor | None = None
+
+
 def _sdpa(q, k, v, mask, scaling, is_causal=False, enable_gqa=False):
     if q.shape[0] <= ATTN_BATCH_CHUNK:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, is_causal=is_causal,
@@ -85,6 +97,10 @@ def engine_attention(q, k, v, mask, scaling: float, dropout: float = 0.0, traini
     B, H, T, D = q.shape
     Hkv = k.shape[1]
     groups = H // Hkv
+    if T == 1 and _DecodeRanges.start is not None and kernels.supported(q, k, v):
+        # The split-K grouped kernel: per-row [start, end) instead of the mask.
+        out = kernels.decode_attention(q, k, v, _DecodeRanges.start, _DecodeRanges.end, scaling)  # (B, H, 1, D)
+        return out.transpose(1, 2)  # (B, 1, H, D)
     if T == 1 and groups > 1:
         # One query per row: the query heads that share a K/V head become that head's "query positions".
         out = _sdpa(q.reshape(B, Hkv, groups, D), k, v, mask, scaling)  # (B, H_kv, G, D)
@@ -101,18 +117,21 @@ ATTENTION_FUNCTIONS.setdefault(ENGINE_ATTENTION, engine_attention)
 
 
 @contextmanager
-def _engine_mode(model, fused: dict | None = None):
-    """While the engine runs ``model``: its attention function, and the producers' stored fused QKV weights."""
+def _engine_mode(model, fused: dict | None = None, ranges: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """While the engine runs ``model``: its attention function, the producers' stored fused QKV weights, and the
+    per-row column ranges for the decode kernel (``None``: SDPA with the mask)."""
     config = model.config
     old = config._attn_implementation
     config._attn_implementation = ENGINE_ATTENTION
     attns = [layer.self_attn for layer in model.model.layers] if fused else []
     for attn in attns:
         attn.qkv_weights = fused.get(attn.layer_idx)
+    _DecodeRanges.start, _DecodeRanges.end = ranges or (None, None)
     try:
         yield
     finally:
         config._attn_implementation = old
+        _DecodeRanges.start = _DecodeRanges.end = None
         for attn in attns:
             attn.qkv_weights = None
 
@@ -220,11 +239,16 @@ class MLKVEngine:
     on for CUDA models. ``compile``: run the step through ``torch.compile`` (``True`` or a mode string).
     ``fuse_qkv``: keep one concatenated Q/K/V weight per producer (``fused_bytes``; refreshed from the parameters at
     every ``generate``/``prepare``) instead of concatenating the weights in every step.
+    ``decode_attention``: ``"sdpa"`` (default: PyTorch's SDPA with the mask), ``"triton"`` (the grouped split-K
+    kernel of ``mlkv.inference.kernels``, reading each row's ``[start, end)`` columns; CUDA only) or ``"auto"``
+    (the kernel where it supports the model, else SDPA). SDPA stays the default until the kernel's speed is
+    measured on the GPU (``benchmarks/decode_kernel.py``).
     """
 
     def __init__(self, model, *, max_batch_size: int | None = None, max_len: int | None = None,
                  bucket: int | None | str = "auto", cuda_graphs: bool | None = None, compile: bool | str = False,
-                 pad_token_id: int | None = None, stop_check_interval: int = 16, fuse_qkv: bool = True):
+                 pad_token_id: int | None = None, stop_check_interval: int = 16, fuse_qkv: bool = True,
+                 decode_attention: str = "sdpa"):
         self.model = model
         self.config = model.config
         if not hasattr(self.config, "sharing"):
@@ -238,6 +262,7 @@ class MLKVEngine:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA model; this model is on {self.device}")
         self.cuda_graphs = bool(cuda_graphs)
+        self.decode_attention = self._choose_decode_attention(decode_attention)
         if bucket == "auto":
             bucket = None if compile else 256
         if bucket is not None and bucket < 1:
@@ -269,8 +294,25 @@ class MLKVEngine:
                 raise ValueError("give both max_batch_size and max_len to preallocate, or neither")
             self.setup(max_batch_size, max_len)
 
+    def _choose_decode_attention(self, choice: str) -> str:
+        """``"sdpa"`` or ``"triton"`` for ``decode_attention`` (see ``DECODE_ATTENTION``)."""
+        if choice not in DECODE_ATTENTION:
+            raise ValueError(f"decode_attention ({choice!r}) must be one of {', '.join(DECODE_ATTENTION)}")
+        c = self.config
+        head_dim = c.head_dim
+        probe = torch.empty(1, c.num_attention_heads, 1, head_dim, device=self.device, dtype=self.dtype)
+        fits = kernels.supported(probe, torch.empty(1, c.num_key_value_heads, 1, head_dim, device=self.device,
+                                                    dtype=self.dtype))
+        if choice == "triton" and not fits:
+            raise ValueError("decode_attention='triton' needs a CUDA model in bf16/fp16/fp32 with head_dim 64 or "
+                             f"128 and the triton package (this model: {self.device}, {self.dtype}, head_dim "
+                             f"{head_dim}); use 'sdpa' or 'auto'")
+        return "triton" if choice == "triton" or (choice == "auto" and fits) else "sdpa"
+
     def _mode(self):
-        return _engine_mode(self.model, self._fused)
+        use_kernel = self.decode_attention == "triton" and self.cache is not None
+        ranges = (self.row_start, self.row_end) if use_kernel else None
+        return _engine_mode(self.model, self._fused, ranges)
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -331,6 +373,8 @@ class MLKVEngine:
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)  # its rotary position (per row)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)  # output column of the next emitted token
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.row_start = torch.zeros(B, dtype=torch.int32, device=dev)  # first valid cache column (left padding)
+        self.row_end = torch.zeros(B, dtype=torch.int32, device=dev)  # one past the current token's column
         self.out = torch.full((B, max(max_new_tokens, 1)), self.pad_token_id, dtype=torch.long, device=dev)
         self.stop_ids = torch.full((B, 8), -1, dtype=torch.long, device=dev)
         self._pad = torch.full((), self.pad_token_id, dtype=torch.long, device=dev)
@@ -345,7 +389,7 @@ class MLKVEngine:
         self._pool = None
         self.cache = None
         for name in ("mask", "tok", "pos", "step", "done", "out", "stop_ids", "col", "_pad", "_temperature",
-                     "_top_p"):
+                     "_top_p", "row_start", "row_end"):
             self.__dict__.pop(name, None)
         self.batch_size = self.max_len = 0
 
@@ -392,6 +436,7 @@ class MLKVEngine:
         """One token for every row, reading and advancing the static state only (captured as a graph on CUDA)."""
         self.cache.kv_len = kv_len
         self.mask.index_fill_(-1, self.col, 0.0)  # the current token's column opens for every row
+        self.row_end.copy_(self.col + 1)  # (B,) from (1,): the same column range end for every row
         logits = self._forward(self.tok, self.mask[..., :kv_len], self.pos)
         self._emit(self._sample(logits, key, generator), check_stops)
 
@@ -527,6 +572,8 @@ class MLKVEngine:
             allowed |= torch.eye(P, dtype=torch.bool, device=dev)[None]  # pad queries see themselves: no NaN
             mask4 = torch.zeros(B, 1, P, P, dtype=self.dtype, device=dev).masked_fill_(~allowed[:, None], neg)
         self.cache.kv_len = P
+        self.row_start.copy_(pad)  # the decode kernel's rows start after their padding (a 1-token prompt uses it)
+        self.row_end.fill_(P)
         with self._mode():
             logits = self._forward(ids, mask4, positions)
         self.mask.fill_(neg)
@@ -626,6 +673,7 @@ class MLKVEngine:
         prefill, no graph): what a real decode step at that size needs. Raises ``torch.cuda.OutOfMemoryError``."""
         self.setup(batch_size, context)
         self.mask.fill_(0.0)
+        self.row_start.zero_()
         self.col.fill_(context - 1)
         self.pos.fill_(context - 1)
         self.step.zero_()

@@ -88,12 +88,12 @@ def measure_bandwidth(device, nbytes: int | None = None, iters: int = 20) -> dic
 
 # ---- one decode step at the max batch -------------------------------------------------------------------------------
 @torch.no_grad()
-def time_full_step(model, batch: int, context: int, device, iters: int = 5) -> dict:
+def time_full_step(model, batch: int, context: int, device, iters: int = 5, decode_attention: str = "sdpa") -> dict:
     """Decode throughput at a given batch with ``context`` tokens in every row's cache (the max-batch point): the
     cache is allocated as the max-batch search did, every column is open, and one greedy step over the full context
     is timed ``iters`` times (median; eager step, no graph: at this size the kernels, not launches, take the time).
     The cache holds zeros rather than a real prefill (the time of a memory-bound step does not depend on them)."""
-    engine = MLKVEngine(model, cuda_graphs=False, bucket=None)
+    engine = MLKVEngine(model, cuda_graphs=False, bucket=None, decode_attention=decode_attention)
     run_one_step = None
     try:
         run_one_step = engine.full_context_step(batch, context)  # allocation + warm-up step
@@ -107,7 +107,8 @@ def time_full_step(model, batch: int, context: int, device, iters: int = 5) -> d
             "iters": iters, "graph": False}
 
 
-def time_at_max_batch(model, batch: int, context: int, device, backoff: float = 0.95, tries: int = 4) -> dict:
+def time_at_max_batch(model, batch: int, context: int, device, backoff: float = 0.95, tries: int = 4,
+                      decode_attention: str = "sdpa") -> dict:
     """``time_full_step`` at the max batch. The search stops at the allocator's edge, where the timed steps' own
     transient buffers can fail to fit once the cache has fragmented memory (seen on an H200 at batch 88,409 of a
     384-wide model: 8.3 GiB of logits did not fit beside 8.3 GiB reserved but free); each out-of-memory error
@@ -115,7 +116,8 @@ def time_at_max_batch(model, batch: int, context: int, device, backoff: float = 
     b = batch
     for attempt in range(tries):
         try:
-            return {**time_full_step(model, b, context, device), "max_batch": batch, "backoffs": attempt}
+            return {**time_full_step(model, b, context, device, decode_attention=decode_attention),
+                    "max_batch": batch, "backoffs": attempt}
         except RuntimeError as err:  # torch.OutOfMemoryError, or cuBLAS/cuDNN failing to allocate a workspace
             if not is_oom(err) or attempt == tries - 1 or b <= 1:
                 raise

@@ -174,7 +174,7 @@ class _Run:
 
     @property
     def engine_kwargs(self) -> dict:
-        return {"bucket": self.s.bucket}
+        return {"bucket": self.s.bucket, "decode_attention": self.s.decode_attention}
 
 
 # ---- step 1: every argument checked before anything is built --------------------------------------------------------
@@ -375,7 +375,7 @@ def _searches(run: _Run, model, r: dict) -> None:
             # a batch that really fits on this card
             run.bar.set_description(f"{label}: decode at max batch")
             _put(r, "max_batch_decode", run.guarded(f"{label} decode at max batch", lambda: time_at_max_batch(
-                model, r["max_batch"]["max_batch"], s.context, run.device)))
+                model, r["max_batch"]["max_batch"], s.context, run.device, decode_attention=s.decode_attention)))
     finally:
         set_budget(run.device, None, run.card_bytes)
 
@@ -413,7 +413,7 @@ def _compiled_row(run: _Run, model, r: dict, name: str, row: dict) -> None:
     run.bar.set_description(f"{r['plan']}: compiled engine {name} b={b}")
     prompts = run.prompts(name, row)
     c = run.guarded(f"{r['plan']} compiled engine {name} b={b}", lambda: engine_run(
-        model, prompts, row["new_tokens"], s.repeats, run.device, {"compile": True, "bucket": s.bucket}))
+        model, prompts, row["new_tokens"], s.repeats, run.device, {**run.engine_kwargs, "compile": True}))
     if c is None:
         return
     row["engine_compiled"] = _strip(c)
@@ -465,7 +465,8 @@ def _meta(run: _Run) -> dict:
                              context=s.context, context_batch=s.context_batch, repeats=s.repeats,
                              hf_repeats=s.hf_repeats, hf=s.hf, hf_compile=s.hf_compile, hf_max_batch=s.hf_max_batch,
                              compile=bool(s.compile), bucket=s.bucket, compile_plans=list(s.compile_plans or []),
-                             compile_max_batch=s.compile_max_batch, quick=s.quick)}
+                             compile_max_batch=s.compile_max_batch, quick=s.quick,
+                             decode_attention=s.decode_attention)}
 
 
 def _finish(run: _Run, results: list[dict], print_table: bool) -> dict:

@@ -48,6 +48,9 @@ class BenchSettings:
     bucket: int | str | None = setting("auto", metavar="N|auto|none")
     """Engine decode steps attend over the used cache columns rounded up to this many (auto: 256, or the whole
     cache when compiled; none: the whole cache)."""
+    decode_attention: str = setting("sdpa", choices=("sdpa", "triton", "auto"))
+    """The engine's decode attention: sdpa (PyTorch's, with the mask), triton (mlkv's grouped split-K kernel, CUDA)
+    or auto (the kernel where it supports the model). Run the bench once per choice to compare them."""
     hf: bool = setting(True, group="transformers")
     """Time transformers' generate() (dynamic and static cache) next to the engine (--no-hf skips it)."""
     hf_repeats: int = setting(1, group="transformers")
