@@ -23,7 +23,7 @@ def test_time_at_max_batch_backs_off_after_out_of_memory(monkeypatch):
     names both the batch timed and the search's max batch; an OOM on every try is raised."""
     tried = []
 
-    def fake_step(model, batch, context, device):
+    def fake_step(model, batch, context, device, decode_attention="sdpa"):
         tried.append(batch)
         if batch > 900:
             raise torch.OutOfMemoryError("CUDA out of memory")
