@@ -113,7 +113,7 @@ def test_compile_times_generate_and_step_rows(tmp_path, monkeypatch, capsys):
             if "engine_compiled" in row] == [("generate", 1), ("step", 2)]
     (gen1, _), (step2, step5) = r["generate"], r["step"]
     (g_prompts, g_new, g_kw), (s_prompts, s_new, s_kw) = compiled_calls
-    assert g_kw == s_kw == {"compile": True, "bucket": 8}
+    assert g_kw == s_kw == {"compile": True, "bucket": 8, "decode_attention": "sdpa"}
     assert (g_prompts.shape, g_new) == ((1, 6), 5) and (s_prompts.shape, s_new) == ((2, 20), 4)  # 24 - 4 tokens
     assert torch.equal(g_prompts, eager_prompts[0]) and torch.equal(s_prompts, eager_prompts[2])  # rows' prompts
     c = step2["engine_compiled"]
