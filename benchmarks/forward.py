@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -22,8 +21,9 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import mlkv  # noqa: F401  (registers the model)
-from mlkv.cli import print_table
+from mlkv.checkpoints import atomic_json
 from mlkv.model.convert import build_model, convert_state
+from mlkv.tables import text_table
 
 
 def matmul_tflops(device, n: int = 8192, iters: int = 10) -> float:
@@ -66,11 +66,12 @@ def model_flops_per_token(model, seq: int) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
-    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
+    ap.add_argument("--iters", type=int, default=20, help="timed steps per round, after warm-up (default 20)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds; the best is kept")
-    ap.add_argument("--plans", nargs="*", default=["MHA-144", "GQA-48", "MLKV-48", "MQA-12", "MLKV-6", "MLKV-1"])
+    ap.add_argument("--plans", nargs="*", default=["MHA-144", "GQA-48", "MLKV-48", "MQA-12", "MLKV-6", "MLKV-1"],
+                    help="sharing plans to time against transformers' model (default: six of the paper's grid)")
     ap.add_argument("--out", default=None, help="write the JSON results here")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -114,15 +115,12 @@ def main() -> int:
         r["speed_vs_hf"] = round(hf_ms / r["ms_per_step"], 3)
     print(f"{card}: forward+backward, bf16 autocast, batch {args.batch} x seq {args.seq}; "
           f"measured bf16 matmul {peak:.0f} TFLOP/s; best of {args.rounds} interleaved rounds")
-    print_table(rows)
+    print(text_table(rows))
     result = {"benchmark": "forward_backward", "card": card, "torch": torch.__version__,
               "transformers": __import__("transformers").__version__, "batch": args.batch, "seq": args.seq, "rounds": args.rounds, "iters": args.iters,
               "matmul_tflops": round(peak, 1), "rows": rows}
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".tmp", "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(args.out + ".tmp", args.out)
+        atomic_json(args.out, result)
     print(json.dumps(result))
     return 0
 

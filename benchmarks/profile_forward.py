@@ -22,10 +22,10 @@ def step(model, ids):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--plans", nargs="*", default=["MHA-144", "GQA-48"])
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--seq", type=int, default=2048)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plans", nargs="*", default=["MHA-144", "GQA-48"], help="sharing plans to profile")
+    ap.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    ap.add_argument("--seq", type=int, default=2048, help="tokens per sequence (default 2048)")
     args = ap.parse_args()
     hf = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=768, num_hidden_layers=12,
                                           num_attention_heads=12, intermediate_size=3072, rotary_pct=0.25))

@@ -1,6 +1,8 @@
 """Conversion from transformers checkpoints: exact MHA equivalence with the peer models, init math, errors."""
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -9,7 +11,8 @@ from transformers import AutoModelForCausalLM, GPTNeoXConfig, GPTNeoXForCausalLM
 
 from mlkv import MLKVForCausalLM
 from mlkv.model.convert import (ConversionError, build_model, convert_checkpoint, convert_state, fold_layers,
-                          parameter_count)
+                                parameter_count)
+from mlkv.model.flavors import NATIVE_ARCHITECTURE, SUPPORTED_ARCHITECTURES
 from tiny import VOCAB, hf_llama, hf_neox, hf_qwen2, perturb
 
 ATOL = 1e-5
@@ -20,7 +23,28 @@ def saved(model, path):
     return path
 
 
-@pytest.mark.parametrize("make", [hf_neox, hf_llama, hf_qwen2], ids=["gpt_neox", "llama", "qwen2"])
+def hf_mistral(seed=0):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(seed)
+    return MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
+                                            max_position_embeddings=128, sliding_window=None)).eval()
+
+
+#: A tiny transformers model of every architecture ``mlkv convert`` accepts (Mistral without its sliding window):
+#: adding a family (an entry in ``mlkv.model.flavors``) means adding its model here, and the parity test covers it.
+HF_MODELS = {"GPTNeoXForCausalLM": hf_neox, "LlamaForCausalLM": hf_llama, "Qwen2ForCausalLM": hf_qwen2,
+             "MistralForCausalLM": hf_mistral}
+HF_IDS = {"GPTNeoXForCausalLM": "gpt_neox", "LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+          "MistralForCausalLM": "mistral"}
+
+
+def test_every_supported_architecture_has_a_parity_test():
+    assert set(HF_MODELS) == set(SUPPORTED_ARCHITECTURES) - {NATIVE_ARCHITECTURE}
+
+
+@pytest.mark.parametrize("make", list(HF_MODELS.values()), ids=list(HF_IDS.values()))
 @torch.no_grad()
 def test_mha_conversion_reproduces_transformers_logits(make, tmp_path):
     hf = perturb(make())
@@ -127,8 +151,25 @@ def test_checkpoint_round_trip_is_exact_and_copies_tokenizer(tmp_path):
     state, _ = convert_state(src, "2x1", init="pairwise")
     for k, v in state.items():
         assert torch.equal(loaded.state_dict()[k], v), k
-    with pytest.raises(FileExistsError, match="already exists"):
+    with pytest.raises(FileExistsError, match="already exists; pass --overwrite to replace it"):
         convert_checkpoint(src, dst, plan="2x1")
+
+
+def test_overwrite_replaces_the_folder_with_normal_permissions_and_companion_files(tmp_path):
+    src = saved(hf_llama(), tmp_path / "src")
+    for name in ("tokenizer.json", "chat_template.jinja", "vocab.txt"):
+        (src / name).write_text("x")
+    dst = convert_checkpoint(src, tmp_path / "dst", plan="2x1")
+    (dst / "stale.txt").write_text("from the old folder")
+    convert_checkpoint(src, dst, plan="1x1", overwrite=True)
+    assert json.loads((dst / "mlkv_conversion.json").read_text())["structure"] == "1x1"
+    assert not (dst / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]  # no temporary or set-aside folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(dst.stat().st_mode) == 0o777 & ~umask  # not mkdtemp's 0700
+    for name in ("tokenizer.json", "chat_template.jinja", "vocab.txt", "generation_config.json"):
+        assert (dst / name).is_file(), name
 
 
 def test_pytorch_bin_is_loaded_with_weights_only(tmp_path):
@@ -199,16 +240,3 @@ def test_an_mha_mlkv_checkpoint_converts_to_a_plan(tmp_path):
     build_model(state, config).save_pretrained(tmp_path / "shared")
     with pytest.raises(ConversionError, match=r"already shares K/V across layers"):
         convert_state(tmp_path / "shared", "1x1")
-
-
-@torch.no_grad()
-def test_mistral_without_sliding_window_converts(tmp_path):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    hf = perturb(MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                                  num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-                                                  max_position_embeddings=128, sliding_window=None)).eval())
-    state, config = convert_state(saved(hf, tmp_path), "mha")
-    ids = torch.randint(0, VOCAB, (1, 30))
-    assert (build_model(state, config).eval()(ids).logits - hf(ids).logits).abs().max() <= ATOL

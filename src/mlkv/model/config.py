@@ -1,11 +1,12 @@
 """``MLKVConfig``: a transformers config for decoder models whose layers share K/V across layers.
 
-Two architecture flavours share one model definition:
+Architecture families share one model definition; ``flavor`` picks one of ``mlkv.model.flavors.FLAVORS``, whose
+entry supplies the defaults of the fields left ``None``:
 
 * ``flavor="gpt_neox"`` (Pythia): parallel residual, partial rotary, LayerNorm with biases, GELU MLP.
 * ``flavor="llama"`` (Llama, Qwen2, Mistral): sequential residual, RMSNorm, SwiGLU MLP, full rotary.
 
-Sharing is one explicit list, ``kv_source_layers`` (see ``mlkv.sharing``), validated when the config is built.
+Sharing is one explicit list, ``kv_source_layers`` (see ``mlkv.model.sharing``), validated when the config is built.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
+from mlkv.model.flavors import Flavor, get_flavor
 from mlkv.model.sharing import SharingPlan, resolve_plan, validate_sharing
 
-FLAVORS = ("gpt_neox", "llama")
+#: Fields a saved ``config.json`` holds that are not ``MLKVConfig`` arguments.
+SAVED_ONLY_FIELDS = ("model_type", "transformers_version", "architectures")
 
 
 @strict
@@ -52,20 +55,12 @@ class MLKVConfig(PreTrainedConfig):
     pad_token_id: int | None = None
 
     def __post_init__(self, **kwargs):
-        if self.flavor not in FLAVORS:
-            raise ValueError(f"flavor ({self.flavor!r}) must be one of {FLAVORS}")
-        neox = self.flavor == "gpt_neox"
-        # Flavour defaults: GPT-NeoX (Pythia) vs Llama.
-        if self.hidden_act is None:
-            self.hidden_act = "gelu" if neox else "silu"
-        if self.use_parallel_residual is None:
-            self.use_parallel_residual = neox
-        if self.attention_bias is None:
-            self.attention_bias = neox
+        flavor = get_flavor(self.flavor)
+        for name, value in flavor.config_defaults().items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.attention_out_bias is None:
             self.attention_out_bias = self.attention_bias  # as GPT-NeoX and Llama do; Qwen2 converts with False
-        if self.mlp_bias is None:
-            self.mlp_bias = neox
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_key_value_heads is None:
@@ -76,13 +71,13 @@ class MLKVConfig(PreTrainedConfig):
         rope = dict(self.rope_parameters or {})
         rope.setdefault("rope_type", rope.pop("type", "default"))
         rope.setdefault("rope_theta", 10000.0)
-        rope.setdefault("partial_rotary_factor", 0.25 if neox else 1.0)
+        rope.setdefault("partial_rotary_factor", flavor.partial_rotary_factor)
         self.rope_parameters = rope
         super().__post_init__(**kwargs)
 
     def validate_architecture(self):
         """Checked once when the config is built: shapes and the sharing map."""
-        if self.hidden_size % self.num_attention_heads != 0 and self.flavor == "gpt_neox":
+        if self.flavor_spec.head_dim_from_hidden and self.hidden_size % self.num_attention_heads != 0:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be divisible by num_attention_heads "
                 f"({self.num_attention_heads})"
@@ -91,6 +86,11 @@ class MLKVConfig(PreTrainedConfig):
                          self.num_hidden_layers)
 
     # ---- derived values -------------------------------------------------------------------------------------------
+    @property
+    def flavor_spec(self) -> Flavor:
+        """This config's architecture family (``mlkv.model.flavors``): norm, MLP, weight map, ..."""
+        return get_flavor(self.flavor)
+
     @property
     def sharing(self) -> SharingPlan:
         return SharingPlan(tuple(self.kv_source_layers), self.num_key_value_heads, self.num_attention_heads)
@@ -110,11 +110,14 @@ class MLKVConfig(PreTrainedConfig):
     def with_plan(self, plan: str | list[int] | SharingPlan) -> "MLKVConfig":
         """A copy of this config with another sharing plan (a name, an explicit list or a ``SharingPlan``)."""
         plan = resolve_plan(plan, self.num_hidden_layers, self.num_attention_heads)
+        return self.replace(kv_source_layers=list(plan.kv_source_layers), num_key_value_heads=plan.num_key_value_heads)
+
+    def replace(self, **changes) -> "MLKVConfig":
+        """A copy of this config with ``changes`` applied (validated as a new config)."""
         data = self.to_dict()
-        data.update(kv_source_layers=list(plan.kv_source_layers), num_key_value_heads=plan.num_key_value_heads)
-        for key in ("model_type", "transformers_version", "architectures"):
+        for key in SAVED_ONLY_FIELDS:
             data.pop(key, None)
-        return MLKVConfig(**data)
+        return MLKVConfig(**{**data, **changes})
 
 
 # Presets: tiny shapes for tests and the paper's Pythia-160M shape.

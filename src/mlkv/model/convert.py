@@ -2,7 +2,7 @@
 
 Steps (the uptraining initialisation of the MLKV paper):
 
-1. Rename every source tensor to mlkv's names (weight maps below, as dict literals). GPT-NeoX's fused
+1. Rename every source tensor to mlkv's names (the family's weight map in ``mlkv.model.flavors``). GPT-NeoX's fused
    ``query_key_value`` is laid out per head as [heads, 3, head_dim, hidden] and is split into q/k/v.
 2. In-layer pooling: each group of K/V heads that becomes one head is replaced by the group's mean.
 3. Cross-layer folding: each producer's K/V becomes a combination of the layers it serves (``init``):
@@ -18,15 +18,15 @@ Every source key is accounted for: unknown, missing or mis-shaped tensors raise 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-from mlkv.model.config import MLKVConfig
+from mlkv.checkpoints import COMPANION_FILES, atomic_dir
+from mlkv.model.config import SAVED_ONLY_FIELDS, MLKVConfig
+from mlkv.model.flavors import NATIVE_ARCHITECTURE, SUPPORTED_ARCHITECTURES, FusedQKV, for_architecture
 from mlkv.model.sharing import SharingPlan, resolve_plan
 
 INITS = ("mean", "pairwise", "first")
@@ -34,64 +34,6 @@ INITS = ("mean", "pairwise", "first")
 #: best for MLKV-2 (Gutenberg val ppl 122.4 vs mean 126.1, first 128.9; two data orders each) and level with mean for
 #: MLKV-6 within the data-order spread (117.8 vs 117.7; first 113.7); first wins MLKV-6 but is worst for MLKV-2.
 DEFAULT_INIT = "pairwise"
-SUPPORTED_ARCHITECTURES = ("GPTNeoXForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM",
-                           "MLKVForCausalLM")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "generation_config.json")
-
-# ---- weight maps: source name -> mlkv name ({i} is the layer index) ----------------------------------------------
-GPT_NEOX_GLOBAL = {
-    "gpt_neox.embed_in.weight": "model.embed_tokens.weight",
-    "gpt_neox.final_layer_norm.weight": "model.norm.weight",
-    "gpt_neox.final_layer_norm.bias": "model.norm.bias",
-    "embed_out.weight": "lm_head.weight",
-}
-GPT_NEOX_LAYER = {
-    "gpt_neox.layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
-    "gpt_neox.layers.{i}.input_layernorm.bias": "model.layers.{i}.input_layernorm.bias",
-    "gpt_neox.layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "gpt_neox.layers.{i}.post_attention_layernorm.bias": "model.layers.{i}.post_attention_layernorm.bias",
-    "gpt_neox.layers.{i}.attention.dense.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "gpt_neox.layers.{i}.attention.dense.bias": "model.layers.{i}.self_attn.o_proj.bias",
-    "gpt_neox.layers.{i}.mlp.dense_h_to_4h.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "gpt_neox.layers.{i}.mlp.dense_h_to_4h.bias": "model.layers.{i}.mlp.up_proj.bias",
-    "gpt_neox.layers.{i}.mlp.dense_4h_to_h.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "gpt_neox.layers.{i}.mlp.dense_4h_to_h.bias": "model.layers.{i}.mlp.down_proj.bias",
-}
-GPT_NEOX_FUSED_QKV = {  # split by _split_neox_qkv
-    "gpt_neox.layers.{i}.attention.query_key_value.weight": "model.layers.{i}.self_attn.{qkv}_proj.weight",
-    "gpt_neox.layers.{i}.attention.query_key_value.bias": "model.layers.{i}.self_attn.{qkv}_proj.bias",
-}
-# Buffers that older GPT-NeoX / Llama checkpoints carry and that are recomputed, not loaded.
-IGNORED_LAYER_KEYS = (
-    "gpt_neox.layers.{i}.attention.bias", "gpt_neox.layers.{i}.attention.masked_bias",
-    "gpt_neox.layers.{i}.attention.rotary_emb.inv_freq", "model.layers.{i}.self_attn.rotary_emb.inv_freq",
-)
-LLAMA_GLOBAL = {
-    "model.embed_tokens.weight": "model.embed_tokens.weight",
-    "model.norm.weight": "model.norm.weight",
-    "lm_head.weight": "lm_head.weight",
-}
-LLAMA_LAYER = {
-    "model.layers.{i}.input_layernorm.weight": "model.layers.{i}.input_layernorm.weight",
-    "model.layers.{i}.post_attention_layernorm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "model.layers.{i}.self_attn.q_proj.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "model.layers.{i}.self_attn.q_proj.bias": "model.layers.{i}.self_attn.q_proj.bias",
-    "model.layers.{i}.self_attn.k_proj.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "model.layers.{i}.self_attn.k_proj.bias": "model.layers.{i}.self_attn.k_proj.bias",
-    "model.layers.{i}.self_attn.v_proj.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "model.layers.{i}.self_attn.v_proj.bias": "model.layers.{i}.self_attn.v_proj.bias",
-    "model.layers.{i}.self_attn.o_proj.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "model.layers.{i}.self_attn.o_proj.bias": "model.layers.{i}.self_attn.o_proj.bias",
-    "model.layers.{i}.mlp.gate_proj.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "model.layers.{i}.mlp.gate_proj.bias": "model.layers.{i}.mlp.gate_proj.bias",
-    "model.layers.{i}.mlp.up_proj.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "model.layers.{i}.mlp.up_proj.bias": "model.layers.{i}.mlp.up_proj.bias",
-    "model.layers.{i}.mlp.down_proj.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "model.layers.{i}.mlp.down_proj.bias": "model.layers.{i}.mlp.down_proj.bias",
-}
-# transformers >= 5 may save GPT-NeoX's head as lm_head.weight
-GPT_NEOX_ALIASES = {"lm_head.weight": "embed_out.weight"}
 
 
 class ConversionError(ValueError):
@@ -109,13 +51,11 @@ def read_hf_config(src: str | Path) -> dict:
         raise ConversionError(
             f"architectures ({archs}) is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    if archs[0] == "MistralForCausalLM" and config.get("sliding_window") is not None:
-        raise ConversionError(
-            f"sliding_window ({config['sliding_window']}) must be null: MLKV models use full attention, so only "
-            "Mistral checkpoints without a sliding window can be converted"
-        )
-    if archs[0] == "Qwen2ForCausalLM" and config.get("use_sliding_window"):
-        raise ConversionError("use_sliding_window (True) must be false: MLKV models use full attention")
+    if archs[0] != NATIVE_ARCHITECTURE:
+        _, variant = for_architecture(archs[0])
+        problem = variant.reject(config) if variant.reject else None
+        if problem:
+            raise ConversionError(problem)
     return config
 
 
@@ -145,89 +85,61 @@ def read_hf_state(src: str | Path) -> dict[str, torch.Tensor]:
 def mlkv_config_from_hf(hf: dict) -> MLKVConfig:
     """The MHA (no sharing) ``MLKVConfig`` equivalent to a supported HF config."""
     arch = hf["architectures"][0]
-    if arch == "MLKVForCausalLM":
-        config = MLKVConfig(**{k: v for k, v in hf.items() if k not in ("model_type", "transformers_version",
-                                                                        "architectures")})
+    if arch == NATIVE_ARCHITECTURE:
+        config = MLKVConfig(**{k: v for k, v in hf.items() if k not in SAVED_ONLY_FIELDS})
         if config.sharing.consumers:
             raise ConversionError(
                 f"kv_source_layers ({config.kv_source_layers}) already shares K/V across layers; convert from the "
                 "model before sharing (every layer a producer)"
             )
         return config
-    L, H, hidden = hf["num_hidden_layers"], hf["num_attention_heads"], hf["hidden_size"]
-    rope = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
-    common = dict(vocab_size=hf["vocab_size"], hidden_size=hidden, intermediate_size=hf["intermediate_size"],
-                  num_hidden_layers=L, num_attention_heads=H,
+    flavor, variant = for_architecture(arch)
+    common = dict(vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+                  intermediate_size=hf["intermediate_size"], num_hidden_layers=hf["num_hidden_layers"],
+                  num_attention_heads=hf["num_attention_heads"],
                   max_position_embeddings=hf.get("max_position_embeddings", 2048),
                   initializer_range=hf.get("initializer_range", 0.02),
                   tie_word_embeddings=hf.get("tie_word_embeddings", False),
                   bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
                   pad_token_id=hf.get("pad_token_id"))
-    if arch == "GPTNeoXForCausalLM":
-        rope.setdefault("rope_theta", hf.get("rotary_emb_base", hf.get("rope_theta", 10000.0)))
-        rope.setdefault("partial_rotary_factor", hf.get("rotary_pct", hf.get("partial_rotary_factor", 0.25)))
-        rope.setdefault("rope_type", rope.pop("type", "default"))
-        return MLKVConfig(flavor="gpt_neox", norm_eps=hf.get("layer_norm_eps", 1e-5), hidden_act=hf.get("hidden_act", "gelu"),
-                          use_parallel_residual=hf.get("use_parallel_residual", True),
-                          attention_bias=hf.get("attention_bias", True), attention_out_bias=hf.get("attention_bias", True),
-                          mlp_bias=True, rope_parameters=rope, **common)
-    rope.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
-    rope.setdefault("rope_type", rope.pop("type", "default"))
-    rope.setdefault("partial_rotary_factor", 1.0)
-    head_dim = hf.get("head_dim") or hidden // H
-    qkv_bias = True if arch == "Qwen2ForCausalLM" else hf.get("attention_bias", False)
-    out_bias = False if arch == "Qwen2ForCausalLM" else hf.get("attention_bias", False)
-    return MLKVConfig(flavor="llama", norm_eps=hf.get("rms_norm_eps", 1e-6), hidden_act=hf.get("hidden_act", "silu"),
-                      use_parallel_residual=False, attention_bias=qkv_bias, attention_out_bias=out_bias,
-                      mlp_bias=hf.get("mlp_bias", False), head_dim=head_dim,
-                      num_key_value_heads=hf.get("num_key_value_heads") or H, rope_parameters=rope, **common)
-
-
-def _split_neox_qkv(fused: torch.Tensor, num_heads: int, head_dim: int) -> tuple[torch.Tensor, ...]:
-    """GPT-NeoX's fused rows are [heads, 3, head_dim]; returns q, k, v with rows [heads, head_dim]."""
-    rest = fused.shape[1:]
-    per_head = fused.reshape(num_heads, 3, head_dim, *rest)  # (H, 3, D, [hidden])
-    return tuple(per_head[:, j].reshape(num_heads * head_dim, *rest) for j in range(3))  # (H*D, [hidden])
+    return MLKVConfig(flavor=flavor.name, **{**flavor.hf_fields(hf), **variant.fixed}, **common)
 
 
 def rename_state(hf: dict, state: dict[str, torch.Tensor], config: MLKVConfig) -> dict[str, torch.Tensor]:
     """Source tensors -> mlkv names for the MHA model; raises listing unknown, missing and mis-shaped keys."""
     arch = hf["architectures"][0]
-    if arch == "MLKVForCausalLM":
+    if arch == NATIVE_ARCHITECTURE:
         return _check_keys(arch, dict(state), set(state) - set(expected_shapes(config)), config)
-    neox = arch == "GPTNeoXForCausalLM"
+    flavor = config.flavor_spec
     state = dict(state)
-    if neox:
-        for new, old in GPT_NEOX_ALIASES.items():
-            if new in state and old not in state:
-                state[old] = state.pop(new)
-    global_map, layer_map = (GPT_NEOX_GLOBAL, GPT_NEOX_LAYER) if neox else (LLAMA_GLOBAL, LLAMA_LAYER)
-    out, used = {}, set()
-
-    def take(src: str, dst: str):
-        if src in state:
-            out[dst] = state[src]
-            used.add(src)
-
-    for src, dst in global_map.items():
-        take(src, dst)
-    for i in range(config.num_hidden_layers):
-        for src, dst in layer_map.items():
-            take(src.format(i=i), dst.format(i=i))
-        for key in IGNORED_LAYER_KEYS:
-            if key.format(i=i) in state:
-                used.add(key.format(i=i))
-        if neox:
-            for src, dst in GPT_NEOX_FUSED_QKV.items():
-                src = src.format(i=i)
-                if src in state:
-                    used.add(src)
-                    for part, tensor in zip("qkv", _split_neox_qkv(state[src], config.num_attention_heads,
-                                                                    config.head_dim)):
-                        out[dst.format(i=i, qkv=part)] = tensor
+    for new, old in flavor.aliases.items():
+        if new in state and old not in state:
+            state[old] = state.pop(new)
+    names = {src: dst for src, dst in flavor.weight_names(config.num_hidden_layers).items() if src in state}
+    out = {dst: state[src] for src, dst in names.items()}
+    used = set(names) | (flavor.ignored_names(config.num_hidden_layers) & set(state))
+    if flavor.fused_qkv is not None:
+        parts, fused_names = _split_fused_qkv(flavor.fused_qkv, state, config)
+        out.update(parts)
+        used |= fused_names
     if config.tie_word_embeddings:
         out.pop("lm_head.weight", None)
     return _check_keys(arch, out, set(state) - used, config)
+
+
+def _split_fused_qkv(fused: FusedQKV, state: dict[str, torch.Tensor],
+                     config: MLKVConfig) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """The q/k/v parts (mlkv names) of every fused QKV tensor in ``state``, and the fused names they came from."""
+    out, used = {}, set()
+    for i in range(config.num_hidden_layers):
+        for src, dst in fused.keys.items():
+            src = src.format(i=i)
+            if src not in state:
+                continue
+            used.add(src)
+            for part, tensor in zip("qkv", fused.split(state[src], config.num_attention_heads, config.head_dim)):
+                out[dst.format(i=i, qkv=part)] = tensor
+    return out, used
 
 
 def _check_keys(arch: str, out: dict[str, torch.Tensor], unused: set[str], config: MLKVConfig):
@@ -269,7 +181,8 @@ def pool_heads(w: torch.Tensor, src_heads: int, dst_heads: int, head_dim: int) -
     rest = w.shape[1:]
     heads = w.reshape(src_heads, head_dim, *rest)  # (H_src, D, [hidden])
     if dst_heads >= src_heads and dst_heads % src_heads == 0:
-        return heads.repeat_interleave(dst_heads // src_heads, dim=0).reshape(dst_heads * head_dim, *rest)
+        repeated = heads.repeat_interleave(dst_heads // src_heads, dim=0)  # (H_dst, D, [hidden])
+        return repeated.reshape(dst_heads * head_dim, *rest)  # (H_dst*D, [hidden])
     if src_heads % dst_heads:
         raise ConversionError(
             f"num_key_value_heads ({dst_heads}) must divide, or be a multiple of, the source model's K/V heads "
@@ -299,8 +212,8 @@ def widened_intermediate(config: MLKVConfig, plan: SharingPlan) -> int:
     kv_params = lambda heads: 2 * heads * d * (h + (1 if config.attention_bias else 0))  # noqa: E731
     removed = config.num_hidden_layers * kv_params(config.num_key_value_heads) - plan.num_producers * kv_params(
         plan.num_key_value_heads)
-    per_neuron = (3 if config.flavor == "llama" else 2) * h + (1 + (1 if config.flavor == "llama" else 0)
-                                                               if config.mlp_bias else 0)
+    mats = config.flavor_spec.mlp_matrices
+    per_neuron = mats * h + (mats - 1 if config.mlp_bias else 0)  # a column or row of each matrix, input biases
     return config.intermediate_size + round(removed / (config.num_hidden_layers * per_neuron))
 
 
@@ -346,11 +259,7 @@ def widen_mlps(state: dict[str, torch.Tensor], config: MLKVConfig, width: int, s
                 state[f"{key}.bias"] = torch.cat([b, b.new_zeros(extra)])
         down = state[f"model.layers.{i}.mlp.down_proj.weight"]  # (hidden, I)
         state[f"model.layers.{i}.mlp.down_proj.weight"] = torch.cat([down, down.new_zeros(down.shape[0], extra)], 1)
-    data = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
-        data.pop(key, None)
-    data["intermediate_size"] = width
-    return MLKVConfig(**data), state
+    return config.replace(intermediate_size=width), state
 
 
 # ---- the whole conversion -------------------------------------------------------------------------------------------
@@ -380,17 +289,18 @@ def build_model(state: dict[str, torch.Tensor], config: MLKVConfig, dtype: torch
 
 def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init: str = DEFAULT_INIT,
                        keep_params: bool = False, seed: int = 0, overwrite: bool = False) -> Path:
-    """Convert ``src`` to an mlkv checkpoint in ``dst``, written to a temporary directory and then renamed."""
+    """Convert ``src`` to an mlkv checkpoint in ``dst``, with the source's tokenizer and generation files.
+
+    Written through ``mlkv.checkpoints.atomic_dir``: a temporary folder renamed to ``dst`` when complete; with
+    ``overwrite`` an existing ``dst`` is set aside and deleted only once the new one is in place."""
     dst = Path(dst)
-    if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} already exists; pass overwrite=True (--overwrite) to replace it")
+    if dst.exists() and not overwrite:  # before the conversion's work, not after it
+        raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
     state, config = convert_state(src, plan, init, keep_params, seed)
     model = build_model(state, config)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
-    try:
+    with atomic_dir(dst, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
-        for name in TOKENIZER_FILES:
+        for name in COMPANION_FILES:
             if (Path(src) / name).is_file():
                 shutil.copy2(Path(src) / name, tmp / name)
         (tmp / "mlkv_conversion.json").write_text(json.dumps(
@@ -399,26 +309,21 @@ def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init
              "num_key_value_heads": config.num_key_value_heads, "intermediate_size": config.intermediate_size,
              "kv_bytes_per_token_fp16": config.kv_bytes_per_token("fp16"),
              "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 
 def parameter_count(config: MLKVConfig) -> int:
-    """Closed-form parameter count of an ``MLKVForCausalLM`` (tested against ``model.parameters()``)."""
+    """Closed-form parameter count of an ``MLKVForCausalLM`` (tested against ``model.parameters()``); the family's
+    terms (parameters per norm channel, matrices per MLP) come from its flavor entry."""
     h, d, L, V, I = config.hidden_size, config.head_dim, config.num_hidden_layers, config.vocab_size, \
         config.intermediate_size
     H, Hkv, P = config.num_attention_heads, config.num_key_value_heads, config.sharing.num_producers
-    norm = 2 * h if config.flavor == "gpt_neox" else h
+    flavor = config.flavor_spec
+    norm = flavor.norm_parameters * h
     qkv_b = 1 if config.attention_bias else 0
     attn = L * (H * d * (h + qkv_b) + H * d * h + (h if config.attention_out_bias else 0))
     attn += P * 2 * Hkv * d * (h + qkv_b)
-    mlp_mats = 3 if config.flavor == "llama" else 2
+    mlp_mats = flavor.mlp_matrices
     mlp = L * (mlp_mats * h * I + ((mlp_mats - 1) * I + h if config.mlp_bias else 0))
     embed = V * h * (1 if config.tie_word_embeddings else 2)
     return embed + attn + mlp + L * 2 * norm + norm
-

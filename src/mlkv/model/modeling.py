@@ -1,5 +1,6 @@
 """``MLKVForCausalLM``: one decoder definition for GPT-NeoX (Pythia) and Llama-family models with K/V shared across
-layers.
+layers. What differs between the families (norm, MLP gating, residual layout) comes from the config's flavor entry
+(``mlkv.model.flavors``).
 
 Producer layers project keys and values, rotate the keys, write them to the cache and hand them on; consumer layers
 own no K/V weights and attend with their own (rotated) queries to their producer's *rotated* keys. Rotary is applied
@@ -131,18 +132,23 @@ class MLKVRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
+NORMS: dict[str, Callable[[int, float], nn.Module]] = {
+    "layernorm": lambda hidden_size, eps: nn.LayerNorm(hidden_size, eps=eps),
+    "rmsnorm": MLKVRMSNorm,
+}
+
+
 def make_norm(config: MLKVConfig) -> nn.Module:
-    if config.flavor == "gpt_neox":
-        return nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
-    return MLKVRMSNorm(config.hidden_size, eps=config.norm_eps)
+    """The flavor's norm: LayerNorm with bias (GPT-NeoX) or RMSNorm (Llama)."""
+    return NORMS[config.flavor_spec.norm](config.hidden_size, config.norm_eps)
 
 
 class MLKVMLP(nn.Module):
-    """GELU MLP (GPT-NeoX) or SwiGLU (Llama)."""
+    """GELU MLP (GPT-NeoX) or SwiGLU (Llama), as the flavor's ``gated_mlp`` says."""
 
     def __init__(self, config: MLKVConfig):
         super().__init__()
-        self.gated = config.flavor == "llama"
+        self.gated = config.flavor_spec.gated_mlp
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         if self.gated:
             self.gate_proj = nn.Linear(h, i, bias=bias)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # The MLKV paper's grid on Pythia-160M (12 layers x 12 heads): name -> (producer layers, KV heads per producer).
 PAPER_GRID: dict[str, tuple[int, int]] = {
@@ -112,24 +114,32 @@ class SharingPlan:
         return [None if self.is_producer(i) else "reuse" for i in range(self.num_layers)]
 
     # ---- cache math -----------------------------------------------------------------------------------------------
-    def kv_bytes_per_token(self, head_dim: int, dtype: torch.dtype | str = torch.float16) -> int:
+    def kv_bytes_per_token(self, head_dim: int, dtype: torch.dtype | str = "float16") -> int:
         """2 (K and V) x producer layers x KV heads x head_dim x bytes per element."""
         return 2 * self.total_kv_heads * head_dim * dtype_bytes(dtype)
 
-    def kv_bytes_per_sequence(self, head_dim: int, context: int, dtype: torch.dtype | str = torch.float16) -> int:
+    def kv_bytes_per_sequence(self, head_dim: int, context: int, dtype: torch.dtype | str = "float16") -> int:
         return self.kv_bytes_per_token(head_dim, dtype) * context
+
+
+#: Bytes per element of the dtypes the cache math usually meets: ``mlkv plan`` needs no torch import for them.
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "float8_e4m3fn": 1}
+DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
+                 "fp8": "float8_e4m3fn"}
 
 
 def dtype_bytes(dtype: torch.dtype | str) -> int:
     """Bytes per element of a torch dtype or its name (``"fp16"``, ``"bfloat16"``, ``"float32"`` ...)."""
-    if isinstance(dtype, str):
-        aliases = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
-                   "fp8": "float8_e4m3fn"}
-        name = aliases.get(dtype.lower(), dtype.lower())
-        if not isinstance(getattr(torch, name, None), torch.dtype):
-            raise ValueError(f"dtype ({dtype!r}) is not a torch dtype name; use e.g. fp16, bf16 or fp32")
-        dtype = getattr(torch, name)
-    return torch.empty((), dtype=dtype).element_size()
+    if not isinstance(dtype, str):
+        return dtype.itemsize
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name in DTYPE_BYTES:
+        return DTYPE_BYTES[name]
+    import torch
+
+    if not isinstance(getattr(torch, name, None), torch.dtype):
+        raise ValueError(f"dtype ({dtype!r}) is not a torch dtype name; use e.g. fp16, bf16 or fp32")
+    return getattr(torch, name).itemsize
 
 
 def validate_sharing(kv_source_layers: list[int], num_key_value_heads: int, num_attention_heads: int,
