@@ -185,25 +185,40 @@ def folder_lock(folder: str | os.PathLike, command: str = "mlkv") -> Iterator[Pa
 
     The lock is ``flock`` on ``.<name>.lock`` beside the folder: the kernel releases it when the holder exits, even
     by ``kill -9``, so a lock never goes stale. A second writer gets a ``FolderInUseError`` naming the holder's
-    pid, command and start time. The lock file itself is left in place (removing it would race a new holder)."""
+    pid, command and start time. The holder removes the file when it is done; a taker checks that the file it
+    locked is still the one at the path (the usual unlink race), so two processes never both hold it."""
     folder = Path(folder).expanduser().absolute()
     folder.parent.mkdir(parents=True, exist_ok=True)
     path = _lock_path(folder)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _take_lock(path, folder)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            raise FolderInUseError(f"{folder} is in use by {holder}; wait for it to finish or choose another "
-                                   "output folder") from None
         info = (f"pid {os.getpid()} on {socket.gethostname()} ({command}, started "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
         os.ftruncate(fd, 0)
         os.pwrite(fd, info.encode(), 0)
         yield folder
     finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # still holding the lock: a process waiting on this inode re-checks and retries
         os.close(fd)  # releases the lock
+
+
+def _take_lock(path: Path, folder: Path) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise FolderInUseError(f"{folder} is in use by {holder}; wait for it to finish or choose another "
+                                   "output folder") from None
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the holder removed this file after we opened it: take the new one
 
 
 def clean_stale_temps(dst: str | os.PathLike) -> list[Path]:

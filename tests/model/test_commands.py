@@ -37,3 +37,21 @@ def test_plan_prints_a_table_and_json(capsys):
     assert out[1].split() == ["plan", "structure", "producers", "kv_heads", "bytes_per_token", "MiB_per_seq@2048",
                               "vs_mha", "vs_mqa", "kv_source_layers"]
     assert [r["plan"] for r in json.loads(out[-1])["plans"]] == ["MHA", "MQA"]
+
+
+def test_plan_for_the_smollm2_shape_prints_the_gqa_grid(capsys):
+    from mlkv.cli import main
+
+    assert main(["plan", "--shape", "smollm2-135m"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("KV cache for 30 layers x 9 heads (3 K/V heads), head_dim 64, fp16")
+    rows = {r["plan"]: r for r in json.loads(out.strip().splitlines()[-1])["plans"]}
+    assert list(rows) == ["30x3", "10x3", "30x1", "5x3", "15x1", "6x1", "3x1", "2x1", "1x1"]
+    assert rows["30x3"]["bytes_per_token"] == 23040 and rows["10x3"]["vs_source"] == "3.0x"
+
+
+def test_plan_kv_heads_must_divide_heads(capsys):
+    from mlkv.cli import main
+
+    assert main(["plan", "--heads", "9", "--kv-heads", "2"]) == 2
+    assert "--kv-heads (2) must divide --heads (9)" in capsys.readouterr().err

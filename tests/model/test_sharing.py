@@ -75,3 +75,26 @@ def test_zero_and_bare_number_names_get_clear_errors():
         resolve_plan("gqa-0", 12, 12)
     with pytest.raises(ValueError, match=r"did you mean 6x1 or mlkv-6"):
         resolve_plan("6", 12, 12)
+
+
+def test_a_gqa_source_keeps_its_kv_heads_for_every_head_names():
+    from mlkv.model.sharing import resolve_plan
+
+    assert resolve_plan("mha", 30, 9, kv_heads=3).structure == "30x3"
+    assert resolve_plan("cla-2", 30, 9, kv_heads=3).structure == "15x3"
+    assert resolve_plan("0,0,2,2", 4, 9, kv_heads=3).num_key_value_heads == 3
+    assert resolve_plan("mha", 30, 9).structure == "30x9"  # no source given: every query head
+
+
+def test_more_kv_heads_than_the_source_is_refused_with_a_hint():
+    from mlkv.model.sharing import resolve_plan
+
+    with pytest.raises(ValueError, match=r"more than the source model's 3: .* use at most 3 \(e.g. 10x3\)"):
+        resolve_plan("10x9", 30, 9, kv_heads=3)
+
+
+def test_default_grid_for_a_gqa_shape_pairs_cross_layer_and_in_layer_sharing():
+    from mlkv.model.sharing import default_grid
+
+    assert default_grid(30, 9, 3) == ["30x3", "10x3", "30x1", "5x3", "15x1", "6x1", "3x1", "2x1", "1x1"]
+    assert default_grid(12, 12) == PAPER_PRESETS and default_grid(24, 8) == ["mha", "mqa"]

@@ -23,6 +23,35 @@ from mlkv.model.sharing import SharingPlan
 
 #: Ridge, relative to the mean diagonal of ``C_pp``.
 RIDGE = 1e-4
+#: Tokens per calibration sequence.
+CALIBRATION_SEQ_LEN = 512
+
+
+def calibration_tokens(src, sources: list[str] | None = None, tokens: int = 8192,
+                       data_dir: str | None = None) -> torch.Tensor:
+    """Token ids (S, ``CALIBRATION_SEQ_LEN``) of calibration text, tokenized with ``src``'s tokenizer: ``sources``
+    (files, folders, ``hf:`` datasets) or by default the shared Gutenberg validation books."""
+    from mlkv.data import read_documents
+    from mlkv.data.paths import require_data_dir
+    from mlkv.model.gguf import is_gguf, load_gguf
+
+    if is_gguf(src):
+        tok = load_gguf(src, with_tokenizer=True)[1]
+    else:
+        from mlkv.data import load_hf_tokenizer
+
+        tok = load_hf_tokenizer(src)
+    if not sources:
+        sources = [str(require_data_dir(data_dir) / "corpus" / "gutenberg" / "val.jsonl.xz")]
+    ids: list[int] = []
+    for text in read_documents(sources):
+        ids += tok(text[: 40 * tokens])["input_ids"]  # (a few characters per token: this many always suffice)
+        if len(ids) >= tokens:
+            break
+    rows = max(1, min(len(ids), tokens) // CALIBRATION_SEQ_LEN)
+    if len(ids) < CALIBRATION_SEQ_LEN:
+        raise ValueError(f"calibration text gave {len(ids)} tokens; --init lsq needs at least {CALIBRATION_SEQ_LEN}")
+    return torch.tensor(ids[: rows * CALIBRATION_SEQ_LEN]).view(rows, CALIBRATION_SEQ_LEN)  # (S, T)
 
 
 @torch.no_grad()

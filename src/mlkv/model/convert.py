@@ -7,18 +7,23 @@ Steps (the uptraining initialisation of the MLKV paper):
 2. In-layer pooling: each group of K/V heads that becomes one head is replaced by the group's mean.
 3. Cross-layer folding: each producer's K/V becomes a combination of the layers it serves (``init``):
    ``pairwise`` (default: the reference code's running average in layer order: for layers p, p+1, p+2 it gives
-   W_p/4 + W_{p+1}/4 + W_{p+2}/2), ``mean`` (uniform mean) or ``first`` (the producer's own pooled K/V).
+   W_p/4 + W_{p+1}/4 + W_{p+2}/2), ``mean`` (uniform mean), ``first`` (the producer's own pooled K/V), or
+   ``lsq``: fitted by least squares to the original layers' keys and values on calibration text
+   (``mlkv.model.calibrate``).
 4. Optionally (``keep_params``) widen every MLP to give back the removed K/V parameters, as the paper did. The new
    neurons get random input weights and *zero* output weights, so the converted model computes exactly the same
    function before training (the paper copied neurons, which changed the output).
 
-Every source key is accounted for: unknown, missing or mis-shaped tensors raise an error that lists them.
+Every source key is accounted for: unknown, missing or mis-shaped tensors raise an error that lists them. A
+``.gguf`` source (or a known name such as ``smollm2``) is dequantized by transformers' GGUF loader first
+(``mlkv.model.gguf``).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -29,7 +34,7 @@ from mlkv.model.config import SAVED_ONLY_FIELDS, MLKVConfig
 from mlkv.model.flavors import NATIVE_ARCHITECTURE, SUPPORTED_ARCHITECTURES, FusedQKV, for_architecture
 from mlkv.model.sharing import SharingPlan, resolve_plan
 
-INITS = ("mean", "pairwise", "first")
+INITS = ("mean", "pairwise", "first", "lsq")
 #: The default conversion init. Measured (docs/results/reproduce-h200-run2): after equal LM uptraining, pairwise was
 #: best for MLKV-2 (Gutenberg val ppl 122.4 vs mean 126.1, first 128.9; two data orders each) and level with mean for
 #: MLKV-6 within the data-order spread (117.8 vs 117.7; first 113.7); first wins MLKV-6 but is worst for MLKV-2.
@@ -218,13 +223,28 @@ def widened_intermediate(config: MLKVConfig, plan: SharingPlan) -> int:
 
 
 def apply_plan(state: dict[str, torch.Tensor], config: MLKVConfig, plan: SharingPlan, init: str = DEFAULT_INIT,
-               keep_params: bool = False, seed: int = 0) -> tuple[dict[str, torch.Tensor], MLKVConfig]:
-    """Turn an MHA/GQA state dict (mlkv names, every layer with K/V) into one for ``plan``."""
+               keep_params: bool = False, seed: int = 0, calibration: list[torch.Tensor] | None = None
+               ) -> tuple[dict[str, torch.Tensor], MLKVConfig]:
+    """Turn an MHA/GQA state dict (mlkv names, every layer with K/V) into one for ``plan``.
+
+    ``calibration`` (for ``init="lsq"``): every layer's attention input on calibration text, from
+    ``calibrate.attention_inputs`` run on the source."""
     if init not in INITS:
         raise ConversionError(f"init ({init!r}) must be one of {INITS}")
     src_heads, d = config.num_key_value_heads, config.head_dim
     new_config = config.with_plan(plan)
     out = {k: v for k, v in state.items() if ".k_proj." not in k and ".v_proj." not in k}
+    if init == "lsq":
+        if calibration is None:
+            raise ConversionError("init 'lsq' needs calibration text (--calibration-data, default: the shared "
+                                  "Gutenberg validation books)")
+        from mlkv.model.calibrate import least_squares_kv
+
+        out.update(least_squares_kv(state, plan, calibration,
+                                    lambda w: pool_heads(w, src_heads, plan.num_key_value_heads, d)))
+        if keep_params:
+            new_config, out = widen_mlps(out, new_config, widened_intermediate(config, plan), seed)
+        return out, new_config
     for p in plan.producers:
         for proj in ("k_proj", "v_proj"):
             for kind in ("weight", "bias"):
@@ -264,13 +284,21 @@ def widen_mlps(state: dict[str, torch.Tensor], config: MLKVConfig, width: int, s
 
 # ---- the whole conversion -------------------------------------------------------------------------------------------
 def convert_state(src: str | Path, plan: str | list[int] | SharingPlan = "mha", init: str = DEFAULT_INIT,
-                  keep_params: bool = False, seed: int = 0):
-    """Read an HF checkpoint directory and return ``(state_dict, MLKVConfig)`` for ``plan``."""
+                  keep_params: bool = False, seed: int = 0,
+                  calibration: torch.Tensor | list[torch.Tensor] | None = None):
+    """Read an HF checkpoint directory and return ``(state_dict, MLKVConfig)`` for ``plan``.
+
+    ``calibration`` (``init="lsq"``): token ids (S, T) to run through the source, or the attention inputs that
+    ``calibrate.attention_inputs`` already took from it (to convert one source to several plans)."""
     hf = read_hf_config(src)
     base = mlkv_config_from_hf(hf)
     state = rename_state(hf, read_hf_state(src), base)
-    plan = resolve_plan(plan, base.num_hidden_layers, base.num_attention_heads)
-    return apply_plan(state, base, plan, init, keep_params, seed)
+    plan = resolve_plan(plan, base.num_hidden_layers, base.num_attention_heads, base.num_key_value_heads)
+    if init == "lsq" and isinstance(calibration, torch.Tensor):
+        from mlkv.model.calibrate import attention_inputs
+
+        calibration = attention_inputs(build_model(state, base).eval(), calibration)
+    return apply_plan(state, base, plan, init, keep_params, seed, calibration)
 
 
 def build_model(state: dict[str, torch.Tensor], config: MLKVConfig, dtype: torch.dtype | None = None):
@@ -287,8 +315,23 @@ def build_model(state: dict[str, torch.Tensor], config: MLKVConfig, dtype: torch
     return model.to(dtype) if dtype is not None else model
 
 
+@contextmanager
+def hf_source(src: str | Path, near: Path):
+    """``src`` as a Hugging Face folder: a ``.gguf`` (or ``smollm2``) is dequantized into a temporary folder beside
+    ``near`` for the duration of the block."""
+    from mlkv.model.gguf import is_gguf, materialize
+
+    if not is_gguf(src):
+        yield Path(src)
+        return
+    near.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{near.name}.gguf-", dir=near) as tmp:
+        yield materialize(src, Path(tmp) / "hf")
+
+
 def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init: str = DEFAULT_INIT,
-                       keep_params: bool = False, seed: int = 0, overwrite: bool = False) -> Path:
+                       keep_params: bool = False, seed: int = 0, overwrite: bool = False,
+                       calibration: torch.Tensor | None = None) -> Path:
     """Convert ``src`` to an mlkv checkpoint in ``dst``, with the source's tokenizer and generation files.
 
     Written through ``mlkv.checkpoints.atomic_dir``: a temporary folder renamed to ``dst`` when complete; with
@@ -296,13 +339,14 @@ def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init
     dst = Path(dst)
     if dst.exists() and not overwrite:  # before the conversion's work, not after it
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
-    state, config = convert_state(src, plan, init, keep_params, seed)
+    with hf_source(src, dst.parent) as folder:
+        state, config = convert_state(folder, plan, init, keep_params, seed, calibration)
+        companions = {name: (folder / name).read_bytes() for name in COMPANION_FILES if (folder / name).is_file()}
     model = build_model(state, config)
-    with atomic_dir(dst, overwrite=overwrite) as tmp:
+    with atomic_dir(dst, overwrite=overwrite, command="mlkv convert") as tmp:
         model.save_pretrained(tmp)
-        for name in COMPANION_FILES:
-            if (Path(src) / name).is_file():
-                shutil.copy2(Path(src) / name, tmp / name)
+        for name, content in companions.items():
+            (tmp / name).write_bytes(content)
         (tmp / "mlkv_conversion.json").write_text(json.dumps(
             {"source": str(src), "plan": plan, "structure": config.sharing.structure, "init": init,
              "keep_params": keep_params, "kv_source_layers": config.kv_source_layers,

@@ -188,8 +188,25 @@ def _factorizations(total: int, num_layers: int, num_heads: int) -> list[str]:
             if total % p == 0 and total // p >= 1 and num_heads % (total // p) == 0]
 
 
-def resolve_plan(name: str | list[int] | SharingPlan, num_layers: int, num_heads: int) -> SharingPlan:
-    """Turn a plan name (see the module docstring) or an explicit list into a validated ``SharingPlan``."""
+def resolve_plan(name: str | list[int] | SharingPlan, num_layers: int, num_heads: int,
+                 kv_heads: int | None = None) -> SharingPlan:
+    """Turn a plan name (see the module docstring) or an explicit list into a validated ``SharingPlan``.
+
+    ``kv_heads``: the source model's K/V heads per layer, for a GQA source (SmolLM2: 9 query heads, 3 K/V heads).
+    Names that mean "every head" (``mha``, ``cla-K``, an explicit list without ``:K``) then keep the source's K/V
+    heads, and a plan with more K/V heads per producer than the source has is refused: its extra heads would be
+    copies that only enlarge the cache."""
+    source_kv = kv_heads or num_heads
+    plan = _resolve(name, num_layers, num_heads, source_kv)
+    if plan.num_key_value_heads > source_kv:
+        raise ValueError(
+            f"plan {plan.name or name!r} gives each producer {plan.num_key_value_heads} K/V heads, more than the "
+            f"source model's {source_kv}: the extra heads would be copies that only enlarge the cache; use at most "
+            f"{source_kv} (e.g. {plan.num_producers}x{source_kv})")
+    return plan
+
+
+def _resolve(name: str | list[int] | SharingPlan, num_layers: int, num_heads: int, source_kv: int) -> SharingPlan:
     if isinstance(name, SharingPlan):
         if name.num_layers != num_layers or name.num_attention_heads != num_heads:
             raise ValueError(
@@ -198,16 +215,17 @@ def resolve_plan(name: str | list[int] | SharingPlan, num_layers: int, num_heads
             )
         return name
     if isinstance(name, (list, tuple)):
-        validate_sharing(list(name), num_heads, num_heads, num_layers)
-        return SharingPlan(tuple(name), num_heads, num_heads, None)
+        validate_sharing(list(name), source_kv, num_heads, num_layers)
+        return SharingPlan(tuple(name), source_kv, num_heads, None)
     key = name.strip().lower()
     display = name.strip()
 
     if (num_layers, num_heads) == PAPER_SHAPE and key in PAPER_GRID:
         p, k = PAPER_GRID[key]
         return plan_from_structure(num_layers, num_heads, p, k, display.upper())
-    if key == "mha":
-        return plan_from_structure(num_layers, num_heads, num_layers, num_heads, "MHA")
+    if key == "mha":  # every layer a producer with every K/V head of the source
+        return plan_from_structure(num_layers, num_heads, num_layers, source_kv,
+                                   "MHA" if source_kv == num_heads else f"{num_layers}x{source_kv}")
     if key == "mqa":
         return plan_from_structure(num_layers, num_heads, num_layers, 1, "MQA")
     if m := re.fullmatch(r"(\d+)x(\d+)", key):
@@ -217,7 +235,7 @@ def resolve_plan(name: str | list[int] | SharingPlan, num_layers: int, num_heads
         if k < 1:
             raise ValueError(f"cla group size ({k}) must be at least 1")
         producers = list(range(0, num_layers, k))
-        return SharingPlan(tuple(sources_from_producers(num_layers, producers)), num_heads, num_heads, display)
+        return SharingPlan(tuple(sources_from_producers(num_layers, producers)), source_kv, num_heads, display)
     if m := re.fullmatch(r"(mha|mqa|gqa|mlkv)-(\d+)", key):
         kind, total = m[1], int(m[2])
         if total < 1:
@@ -240,14 +258,34 @@ def resolve_plan(name: str | list[int] | SharingPlan, num_layers: int, num_heads
         raise ValueError(f"plan name {name!r} is a single number: did you mean {key}x1 or mlkv-{key}?")
     if re.fullmatch(r"\d+(\s*,\s*\d+)*(:\d+)?", key):
         sources, _, heads = key.partition(":")
-        validate_sharing([int(s) for s in sources.split(",")], int(heads) if heads else num_heads, num_heads,
+        validate_sharing([int(s) for s in sources.split(",")], int(heads) if heads else source_kv, num_heads,
                          num_layers)
-        return SharingPlan(tuple(int(s) for s in sources.split(",")), int(heads) if heads else num_heads,
+        return SharingPlan(tuple(int(s) for s in sources.split(",")), int(heads) if heads else source_kv,
                            num_heads, display)
     raise ValueError(
         f"plan name {name!r} is not understood: use <producers>x<kv heads> (e.g. 6x1), mha, mqa, gqa-N, mlkv-N, "
         "cla-K, a paper name (MHA-144 ... MLKV-1) or an explicit list like 0,0,2,2[:kv_heads]"
     )
+
+
+def default_grid(num_layers: int, num_heads: int, kv_heads: int | None = None) -> list[str]:
+    """The plans to compare on a shape, in the paper's spirit.
+
+    The paper's nine names on its 12 x 12 MHA shape. For a GQA/MQA source with K K/V heads per layer (L layers):
+    the original LxK; at 1/K of its cache, cross-layer (L/K)xK against in-layer Lx1; at 1/(2K), (L/2K)xK against
+    (L/2)x1; then 6x1, 3x1, 2x1 and 1x1 (SmolLM2, 30 x 9 with 3 K/V heads: 30x3, 10x3, 30x1, 5x3, 15x1, 6x1, 3x1,
+    2x1, 1x1). Any other MHA shape: mha and mqa."""
+    k = kv_heads or num_heads
+    if (num_layers, num_heads) == PAPER_SHAPE and k == num_heads:
+        return list(PAPER_PRESETS)
+    if k == num_heads:
+        return ["mha", "mqa"]
+    names = [f"{num_layers}x{k}"]
+    for fraction in (k, 2 * k):
+        if k > 1 and num_layers // fraction >= 1:
+            names += [f"{num_layers // fraction}x{k}", f"{max(1, num_layers * k // fraction)}x1"]
+    names += [f"{p}x1" for p in (6, 3, 2, 1) if p <= num_layers]
+    return list(dict.fromkeys(names))  # in order, without repeats
 
 
 def paper_grid(num_layers: int = 12, num_heads: int = 12) -> list[SharingPlan]:
