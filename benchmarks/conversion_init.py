@@ -34,7 +34,7 @@ from mlkv.tables import fmt, text_table  # noqa: E402
 def token_sequences(tok, data: Path, seq_len: int, count: int, skip_docs: int) -> torch.Tensor:
     """``count`` sequences of ``seq_len`` tokens from validation books after the first ``skip_docs``."""
     ids: list[int] = []
-    for i, text in enumerate(read_documents([str(data / "corpus" / "gutenberg" / "val.jsonl.xz")])):
+    for i, text in enumerate(read_documents(data / "corpus" / "gutenberg" / "val.jsonl.xz")):
         if i < skip_docs:
             continue
         ids += tok(text[:200_000])["input_ids"]
@@ -86,7 +86,8 @@ def main() -> int:
         for init in args.inits:
             plan_state, plan_config = convert_state(base, plan=name, init=init,
                                                     calibration=inputs if init == "lsq" else None)
-            rows.append({"plan": resolve_plan(name, config.num_hidden_layers, config.num_attention_heads).structure,
+            rows.append({"plan": resolve_plan(name, config.num_hidden_layers, config.num_attention_heads,
+                                                 config.num_key_value_heads).structure,
                          "init": init, "ppl": perplexity(build_model(plan_state, plan_config).eval(), evals)})
             print(f"{rows[-1]['plan']:>6} {init:>8}: ppl {rows[-1]['ppl']:,.1f}", flush=True)
     table = [{**r, "ppl": fmt(r["ppl"], ",.1f")} for r in rows]

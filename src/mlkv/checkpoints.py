@@ -81,20 +81,21 @@ def require_checkpoint(folder: str | os.PathLike, what: str = "model") -> Path:
     return path
 
 
-def companion_files(source: str | os.PathLike | None) -> list[Path]:
-    """The tokenizer and generation files found in ``source`` (a folder, or a single ``tokenizer.json``)."""
+def companion_files(source: str | os.PathLike | None) -> dict[str, Path]:
+    """``{name in the checkpoint: file}`` for the tokenizer and generation files of ``source``: a folder (its
+    ``COMPANION_FILES``), or a single tokenizer file (saved as ``tokenizer.json``)."""
     if not source:
-        return []
+        return {}
     path = Path(source).expanduser()
     if path.is_file():
-        return [path]
-    return [path / name for name in COMPANION_FILES if (path / name).is_file()]
+        return {"tokenizer.json": path}
+    return {name: path / name for name in COMPANION_FILES if (path / name).is_file()}
 
 
-def copy_companions(files: list[Path], folder: Path) -> None:
-    """Copy ``companion_files(...)`` into ``folder`` (a lone tokenizer file is saved as ``tokenizer.json``)."""
-    for f in files:
-        shutil.copyfile(f, folder / ("tokenizer.json" if f.suffix == ".json" and len(files) == 1 else f.name))
+def copy_companions(files: dict[str, Path], folder: Path) -> None:
+    """Copy ``companion_files(...)`` into ``folder``."""
+    for name, source in files.items():
+        shutil.copyfile(source, folder / name)
 
 
 def load_model(model_dir: str | os.PathLike, device: str | None = None, dtype: str | torch.dtype | None = None,

@@ -44,8 +44,11 @@ def calibration_tokens(src, sources: list[str] | None = None, tokens: int = 8192
     if not sources:
         sources = [str(require_data_dir(data_dir) / "corpus" / "gutenberg" / "val.jsonl.xz")]
     ids: list[int] = []
-    for text in read_documents(sources):
-        ids += tok(text[: 40 * tokens])["input_ids"]  # (a few characters per token: this many always suffice)
+    for source in sources:
+        for text in read_documents(source):
+            ids += tok(text[: 40 * tokens])["input_ids"]  # (a few characters per token: this many always suffice)
+            if len(ids) >= tokens:
+                break
         if len(ids) >= tokens:
             break
     rows = max(1, min(len(ids), tokens) // CALIBRATION_SEQ_LEN)
