@@ -34,9 +34,9 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 sys.path.insert(0, str(SRC))
 
 from report import finish  # noqa: E402
-from mlkv.model.config import preset_config  # noqa: E402
-from mlkv.data.pipeline import PackedDataset  # noqa: E402
-from mlkv.training.loop import TrainConfig, TrainHooks, train  # noqa: E402
+from mlkv import preset_config  # noqa: E402
+from mlkv.data import PackedDataset  # noqa: E402
+from mlkv.training import TrainConfig, TrainHooks, train  # noqa: E402
 
 GRAD = {"plan": "half-layers x 1", "seq_len": 512, "per_rank": 2, "precision": "fp32"}
 SPEED = {"plan": None, "seq_len": 2048, "per_rank": 16, "precision": "auto", "steps": 30, "warmup": 10}

@@ -2,11 +2,11 @@
 
 Both sides train the same shape on the same random tokens (uniform ids; throughput does not depend on the text)
 with the same recipe (AdamW fused 0.9/0.95, lr 6e-4, cosine, warmup 0.2, wd 0.01, clip 1.0, bf16 autocast, SDPA
-attention, the same micro-batch): ours is ``mlkv.training.loop.train`` on ``MLKVForCausalLM`` (preset ``pythia-160m``,
+attention, the same micro-batch): ours is ``mlkv.training.train`` on ``MLKVForCausalLM`` (preset ``pythia-160m``,
 MHA plan), compiled with ``torch.compile``; the baseline is ``Trainer`` on ``GPTNeoXForCausalLM`` with its defaults
 (no compile unless ``--hf-compile``). The MFU denominator is this card's own bf16 matmul rate, measured in the same
 call (8192^3, mean of 10 after 3 warm-ups). Model FLOPs per token: ``6 * N + 12 * L * d_attn * T`` with ``N`` the
-parameters in matrix products (all but the input embedding; ``mlkv.training.loop.model_flops_per_token``); the JSON also
+parameters in matrix products (all but the input embedding; ``mlkv.training.model_flops_per_token``); the JSON also
 gives ``mfu_kaplan`` with ``N`` = non-embedding parameters only (no output projection).
 
     python benchmarks/train_throughput.py                      # GPU, ~3-5 minutes
@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import finish  # noqa: E402
-from mlkv.model.config import PRESETS  # noqa: E402
-from mlkv.data.pipeline import PackedDataset  # noqa: E402
-from mlkv.training.loop import TrainConfig, TrainHooks, model_flops_per_token, train  # noqa: E402
+from mlkv import PRESETS  # noqa: E402
+from mlkv.data import PackedDataset  # noqa: E402
+from mlkv.training import TrainConfig, TrainHooks, model_flops_per_token, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train_throughput.json"  # CPU runs: train_throughput_cpu.json
 
@@ -101,7 +101,7 @@ def profiler_hooks(args, device) -> TrainHooks | None:
 def run_ours(args, device, shape: dict, peak: float) -> dict:
     from transformers import AutoModelForCausalLM
 
-    from mlkv.model.config import preset_config
+    from mlkv import preset_config
 
     tokens = random_tokens(shape["vocab_size"], args.steps * args.micro_batch + 1, args.seq_len)
     dataset = PackedDataset(tokens, args.seq_len, seed=0)
@@ -197,7 +197,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, help="steps left out of the timing (default 10; 4 with --quick)")
     parser.add_argument("--no-compile", dest="compile", action="store_false", default=None)
     parser.add_argument("--hf-compile", action="store_true", help="also torch.compile the HF Trainer side")
-    parser.add_argument("--sdpa-backend", default="auto", help="our side's preferred SDPA kernel (mlkv.training.loop)")
+    parser.add_argument("--sdpa-backend", default="auto", help="our side's preferred SDPA kernel (mlkv.training)")
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print a profiler table of N of our steps after the warm-up")

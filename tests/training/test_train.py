@@ -1,6 +1,6 @@
-"""Tests of the training loop (mlkv.training.loop), on CPU in fp32: a tiny model (hidden 32, 2 layers, vocab 50304 to
-cover the GPT-NeoX tokenizer) trained on 2 books of the shared Gutenberg val file, seq_len 64. Skipped when the
-shared data is absent."""
+"""Tests of training runs (mlkv.training.train and the ``mlkv train`` command), on CPU in fp32: a tiny model (hidden
+32, 2 layers, vocab 50304 to cover the GPT-NeoX tokenizer) trained on 2 books of the shared Gutenberg val file,
+seq_len 64. Skipped when the shared data is absent."""
 
 from __future__ import annotations
 
@@ -16,15 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
 import mlkv  # noqa: F401  (registers MLKV with the Auto classes)
-from mlkv.data.pipeline import default_data_dir
-from mlkv.training.loop import (LossModel, NonFiniteLossError, TrainConfig, TrainHooks, WarmupCosine, main,
-                        model_flops_per_token, parse_tokens, train)
-from tiny import hf_neox, tiny_model
+from mlkv.data import default_data_dir
+from mlkv.training import NonFiniteLossError, TrainConfig, TrainHooks, train
+from mlkv.training.command import main
+from mlkv.training.loss import LossModel
 
 DATA = default_data_dir()
 VAL_FILE = DATA / "corpus" / "gutenberg" / "val.jsonl.xz"
@@ -69,96 +68,6 @@ def trained(workdir) -> tuple[Path, dict]:
     out = workdir / "trained"
     summary = train(make_config(workdir, out, steps=16, eval_every=8, lr=5e-3))
     return out, summary
-
-
-# ---- pure functions -------------------------------------------------------------------------------------------------
-def test_parse_tokens():
-    assert parse_tokens("20M") == 20_000_000
-    assert parse_tokens("1.5B") == 1_500_000_000
-    assert parse_tokens("300k") == 300_000
-    assert parse_tokens("2e9") == 2_000_000_000
-    assert parse_tokens("500_000") == 500_000
-    assert parse_tokens(4096) == 4096
-    for bad in ("20X", "abc", "", "1.5", "-5M", "0"):
-        with pytest.raises(ValueError, match="bad token count"):
-            parse_tokens(bad)
-
-
-def test_schedule():
-    sched = WarmupCosine(total_steps=10, warmup_ratio=0.2, min_ratio=0.1)
-    factors = [sched(s) for s in range(10)]
-    assert factors[:2] == [0.5, 1.0]  # warmup of ceil(0.2 * 10) = 2 steps
-    assert factors[-1] == pytest.approx(0.1)
-    assert all(a >= b for a, b in zip(factors[1:], factors[2:]))
-
-
-def test_flops_per_token():
-    model = tiny_model(layers=2)  # hidden 32, 4 heads, vocab 96, untied
-    n = sum(p.numel() for p in model.parameters()) - 96 * 32
-    assert model_flops_per_token(model, 128) == 6 * n + 12 * 2 * 32 * 128
-
-
-@pytest.mark.parametrize("temperature, alpha", [(2.0, 0.3), (1.0, 1.0), (1.0, 0.5), (2.0, 1.0)])
-def test_chunked_kl_matches_full_logits(temperature, alpha):
-    """The chunked, recomputed KL/CE equal the same quantities from whole (B, T, V) logits, gradients too (at
-    temperature 1 the cross-entropy shares the KL's log-probabilities; at alpha 1 it has no gradient)."""
-    student, teacher = tiny_model(layers=2).train(), hf_neox(seed=3)
-    ids = torch.randint(0, 96, (3, 20), generator=torch.Generator().manual_seed(0))
-    loss, lm, kl, dist_h = LossModel(student, teacher, temperature, alpha, chunk_tokens=12)(ids)
-    loss.backward()
-    grads = [p.grad.clone() for p in student.parameters()]
-    student.zero_grad()
-
-    logits = student(ids).logits.float()  # (B, T, V)
-    with torch.no_grad():
-        teacher_logits = teacher(ids).logits.float()
-    ref_lm = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())  # T - 1 predicted tokens
-    assert ref_lm.item() == pytest.approx(student(ids, labels=ids).loss.item(), abs=1e-6)  # the HF-style loss
-    p_t = F.softmax(teacher_logits / temperature, -1)
-    ref_kl = (p_t * (p_t.log() - F.log_softmax(logits / temperature, -1))).sum(-1).mean()  # all T positions
-    ref = alpha * temperature**2 * ref_kl + (1 - alpha) * ref_lm
-    ref.backward()
-    assert kl > 0.01 and dist_h == 0  # no hidden-state term unless asked
-    torch.testing.assert_close(lm, ref_lm.detach())
-    torch.testing.assert_close(kl, ref_kl.detach())
-    torch.testing.assert_close(loss.detach(), ref.detach())
-    for got, p in zip(grads, student.parameters()):
-        torch.testing.assert_close(got, p.grad)
-
-
-def test_hidden_state_distillation():
-    """``hidden_weight`` adds w * mean over decoder layers of |h_s - h_t|^2 / |h_t|^2 (embeddings skipped) to the
-    KL objective, with its gradient; a student equal to its teacher is at distance 0."""
-    teacher = tiny_model(layers=4, seed=1).eval()
-    student = tiny_model(layers=4, plan="mlkv-2").train()
-    own = student.state_dict()
-    student.load_state_dict({k: v for k, v in teacher.state_dict().items()  # all but the K/V projections
-                             if k in own and v.shape == own[k].shape}, strict=False)
-    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
-    loss, lm, kl, dist_h = LossModel(student, teacher, hidden_weight=0.5)(ids)
-    loss.backward()
-    grads = [p.grad.clone() for p in student.parameters()]
-    student.zero_grad()
-
-    out_s = student(ids, use_cache=False, output_hidden_states=True)
-    with torch.no_grad():
-        out_t = teacher(ids, use_cache=False, output_hidden_states=True)
-    h_s, h_t = out_s.hidden_states, out_t.hidden_states
-    assert len(h_s) == 4 + 1 and torch.equal(h_s[0], h_t[0])  # embeddings + 4 layer outputs; embeddings shared
-    ref_h = torch.stack([(s - t).square().mean() / t.square().mean() for s, t in zip(h_s[1:], h_t[1:])]).mean()
-    ref_kl = F.kl_div(F.log_softmax(out_s.logits.float(), -1).flatten(0, 1),
-                      F.log_softmax(out_t.logits.float(), -1).flatten(0, 1), reduction="batchmean", log_target=True)
-    ref = ref_kl + 0.5 * ref_h
-    ref.backward()
-    assert dist_h > 1e-4
-    torch.testing.assert_close(dist_h, ref_h.detach())
-    torch.testing.assert_close(loss.detach(), ref.detach())
-    for got, p in zip(grads, student.parameters()):
-        torch.testing.assert_close(got, p.grad, msg=lambda m: f"gradient differs: {m}")
-    same = LossModel(tiny_model(layers=4, seed=1), teacher, hidden_weight=1.0)
-    assert same(ids)[3] == 0
-    with pytest.raises(ValueError, match="teacher of the student's shape"):
-        LossModel(tiny_model(layers=2, seed=1), teacher, hidden_weight=1.0)(ids)
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------------
@@ -238,7 +147,7 @@ def test_save_load_generate(trained):
     for a, b in zip(model.state_dict().values(), ckpt.state_dict().values()):
         assert torch.equal(a, b)
 
-    from mlkv.data.pipeline import prepare_data
+    from mlkv.data import prepare_data
 
     cache = Path(json.loads((out / "checkpoint" / "trainer_state.json").read_text())["config"]["cache_dir"])
     _, val, _ = prepare_data(str(VAL_FILE), TOKENIZER, cache, seq_len=64, max_documents=2, val_fraction=0.5,
@@ -343,7 +252,7 @@ def test_nan_stops_and_keeps_checkpoint(workdir, tmp_path):
 # ---- several processes ----------------------------------------------------------------------------------------------
 WORKER = """
 import json, sys, torch, torch.distributed as dist
-from mlkv.training.loop import TrainConfig, TrainHooks, train
+from mlkv.training import TrainConfig, TrainHooks, train
 
 dist.init_process_group("gloo")
 for name, extra in (("ddp", {}), ("fsdp", {"fsdp": True})):
