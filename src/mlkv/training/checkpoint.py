@@ -104,7 +104,7 @@ def full_model_state(loss_model: nn.Module, fsdp: bool) -> dict[str, torch.Tenso
     return {k.removeprefix("model."): v for k, v in state.items()}
 
 
-def save_model(model: nn.Module, folder: Path, state: dict | None, companions: list[Path]) -> None:
+def save_model(model: nn.Module, folder: Path, state: dict | None, companions: dict[str, Path]) -> None:
     """``save_pretrained`` (with ``state`` as the weights if given) plus the tokenizer and generation files."""
     from transformers.utils import logging as hf_logging
 
@@ -120,7 +120,7 @@ def save_model(model: nn.Module, folder: Path, state: dict | None, companions: l
 
 def save_checkpoint(out: Path, state: dict, *, loss_model, optimizer: torch.optim.Optimizer,
                     scheduler: torch.optim.lr_scheduler.LRScheduler, ctx: Dist, device: torch.device, fsdp: bool,
-                    companions: list[Path]) -> Path:
+                    companions: dict[str, Path]) -> Path:
     """Write ``out/checkpoint`` (every rank takes part): the model of ``loss_model``, the optimizer and scheduler,
     each rank's RNG state and the trainer ``state``; returns its folder."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
