@@ -43,9 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import finish  # noqa: E402
-from mlkv.reproduce.pipeline import (_done, _mark_done, _say, add_reproduce_arguments, canonical_plans,  # noqa: E402
-                            check_settings, gutenberg_perplexity, resolve_data_dir, settings_from_args, stage_base,
-                            uptrain_one)
+from mlkv.checkpoints import atomic_json, load_model  # noqa: E402
+from mlkv.reproduce.command import add_reproduce_arguments, settings_from_args  # noqa: E402
+from mlkv.reproduce.config import canonical_plans, check_settings  # noqa: E402
+from mlkv.reproduce.pipeline import (gutenberg_perplexity, mark_done, read_done, resolve_data_dir, say,  # noqa: E402
+                                     stage_base, uptrain_one)
 
 VARIANTS = {
     "lm": {},
@@ -86,22 +88,19 @@ def main() -> dict:
     started = time.time()
 
     from mlkv.model.convert import convert_checkpoint
-    from mlkv.evaluation.evaluate import load_model
 
     base = stage_base(s, data, out)
     converted = out / "converted" / f"{plan}-mean"
-    if not _done(converted):  # the reproduction's own folder and marker, so either reuses the other's
+    if not read_done(converted):  # the reproduction's own folder and marker, so either reuses the other's
         convert_checkpoint(base, converted, plan=plan, init="mean")
-        _mark_done(converted, {"plan": plan, "init": "mean"})
+        mark_done(converted, {"plan": plan, "init": "mean"})
 
     def ppl(folder: Path) -> float:
         path = folder / "gutenberg_ppl.json"
         if not path.is_file():
             model, tok = load_model(folder, s.device)
             value = gutenberg_perplexity(s, data, model, tok)["token_level"]["perplexity"]
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"perplexity": value}))
-            tmp.replace(path)
+            atomic_json(path, {"perplexity": value})
         return json.loads(path.read_text())["perplexity"]
 
     rows = {}
@@ -110,8 +109,8 @@ def main() -> dict:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             folder = out / "distill_variants" / f"{plan}-{name}-s{seed}"
             extra = train_args(name, s.uptrain_lr, str(base))
-            if not _done(folder):
-                _say(f"distill variants: {folder.name} for {s.uptrain_tokens} tokens")
+            if not read_done(folder):
+                say(f"distill variants: {folder.name} for {s.uptrain_tokens} tokens")
                 uptrain_one(s, data, converted, folder, {"variant": name, "seed": seed}, seed=seed, **extra)
             per_seed.append(ppl(folder))
         rows[name] = {"ppl": per_seed, "mean": statistics.mean(per_seed), "spread": max(per_seed) - min(per_seed),

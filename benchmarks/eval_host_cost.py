@@ -8,8 +8,8 @@ model itself is free (as it nearly is for the small models of ``mlkv reproduce``
 building the requests (documents, prompts), tokenizing them, and computing the metrics. Profiled with cProfile,
 three times in one run: with ``HFLM``'s own tokenization (one ``encode`` per string, the baseline), with
 ``BatchedHFLM``'s batched tokenization, and with that plus the request cache (``run_tasks(request_cache=...)``,
-built once beforehand by ``build_request_cache``, whose time is reported too, unprofiled). Prints the main phases and ends with one JSON line (also written to ``--out``). Needs the shared data
-(``--data-dir`` / ``$MLKV_DATA``).
+built once beforehand by ``build_request_cache``, whose time is reported too, unprofiled). Prints the main phases
+and ends with one JSON line (also written to ``--out``). Needs the shared data (``--data-dir`` / ``$MLKV_DATA``).
 
     python benchmarks/eval_host_cost.py --out benchmarks/results/eval_host_cost_cpu.json
 """
@@ -31,28 +31,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from report import finish  # noqa: E402
-from mlkv.evaluation import evaluate as ev  # noqa: E402
+from mlkv.data.paths import default_data_dir  # noqa: E402
+from mlkv.evaluation import tasks  # noqa: E402
 from mlkv.evaluation.harness import BatchedHFLM  # noqa: E402
-from mlkv.evaluation.tasks.converters import resolve_data_dir  # noqa: E402
 
 PHASES = {  # phase: the (file suffix, function) pairs whose cumulative times it adds up, in the profile
     "build requests": [("lm_eval/api/task.py", "build_all_requests")],
-    "tokenize": [("lm_eval/api/model.py", "_encode_pair"), ("mlkv/harness.py", "_encode_all")],
+    "tokenize": [("lm_eval/api/model.py", "_encode_pair"), ("mlkv/evaluation/harness.py", "_encode_all")],
     "metrics": [("lm_eval/api/task.py", "process_results")],
 }
 
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tasks", nargs="+", default=list(ev.DEFAULT_TASKS))
+    ap.add_argument("--tasks", nargs="+", default=list(tasks.DEFAULT_TASKS), help="local tasks (default: %(default)s)")
     ap.add_argument("--limit", type=int, default=None, help="documents per task (default: full sets)")
-    ap.add_argument("--data-dir", default=None)
+    ap.add_argument("--data-dir", default=None, help="shared data folder (default: $MLKV_DATA, else ../shared/data)")
     ap.add_argument("--out", default=None, help="also write the JSON report here")
     args = ap.parse_args(argv)
     import torch
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-    data = resolve_data_dir(args.data_dir)
+    data = default_data_dir(args.data_dir)
     tok = PreTrainedTokenizerFast(tokenizer_file=str(data / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"),
                                   eos_token="<|endoftext|>")
     model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=50304, hidden_size=16, num_hidden_layers=1,
@@ -77,13 +77,13 @@ def main(argv=None) -> dict:
         if cached:
             cache = Path(tempfile.mkdtemp(prefix="mlkv-requests-"))
             t = time.perf_counter()
-            ev.build_request_cache(args.tasks, cache, data)
+            tasks.build_request_cache(args.tasks, cache, data)
             build_s = time.perf_counter() - t
         requests.clear()
         profiler = cProfile.Profile()
         t = time.perf_counter()
         profiler.enable()
-        ev.run_tasks(model, args.tasks, limit=args.limit, batch_size=32, data_dir=data, tokenizer=tok,
+        tasks.run_tasks(model, args.tasks, limit=args.limit, batch_size=32, data_dir=data, tokenizer=tok,
                      bootstrap_iters=100, request_cache=cache if cached else None)
         profiler.disable()
         wall = time.perf_counter() - t

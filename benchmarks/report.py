@@ -1,16 +1,13 @@
-"""The end of every benchmark script: write the JSON report atomically (temporary file, then rename) and print it
-as the output's last line."""
+"""The end of every benchmark script: write the JSON report atomically (``mlkv.checkpoints.atomic_json``: a temporary
+file, then a rename) and print it as the output's last line."""
 
 import json
-import os
 from pathlib import Path
+
+from mlkv.checkpoints import atomic_json
 
 
 def finish(report: dict, out: Path) -> dict:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_json(Path(out), report, indent=1)
     print(json.dumps(report))
     return report

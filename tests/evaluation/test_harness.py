@@ -1,8 +1,6 @@
 """``BatchedHFLM`` answers every log-likelihood request exactly as the harness's own ``HFLM`` does."""
 
 import copy
-import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,10 +10,11 @@ from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast  # noqa: E402
 
-from mlkv.evaluation import evaluate as ev  # noqa: E402
+from mlkv.data.paths import default_data_dir  # noqa: E402
+from mlkv.evaluation import tasks  # noqa: E402
 from mlkv.evaluation.harness import BatchedHFLM  # noqa: E402
 
-DATA = Path(os.environ.get("MLKV_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
+DATA = default_data_dir()
 TOKENIZER_FILE = DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
 if not (DATA / "eval").is_dir() or not TOKENIZER_FILE.is_file():
     pytest.skip(f"shared data folder not found ({DATA}); set MLKV_DATA", allow_module_level=True)
@@ -32,7 +31,7 @@ def model_and_tokenizer():
 
 def _task_requests(limit):
     """Real requests of the paper's tasks (multi-token LAMBADA targets, 2- and 4-way multiple choice)."""
-    manager = ev.task_manager("local", DATA)
+    manager = tasks.task_manager("local", DATA)
     requests = []
     for name in ("lambada_openai", "piqa", "arc_easy", "hellaswag", "sciq"):
         task = manager.load([name])["tasks"][name]
@@ -132,11 +131,11 @@ def test_run_tasks_uses_batched_scoring(model_and_tokenizer, monkeypatch):
     batched = BatchedHFLM._loglikelihood_tokens
     monkeypatch.setattr("mlkv.evaluation.harness.BatchedHFLM._loglikelihood_tokens",
                         lambda self, *a, **k: calls.append(type(self)) or batched(self, *a, **k))
-    ours = ev.run_tasks(model, ["piqa", "lambada_openai"], limit=8, batch_size=4, data_dir=DATA, tokenizer=tok,
+    ours = tasks.run_tasks(model, ["piqa", "lambada_openai"], limit=8, batch_size=4, data_dir=DATA, tokenizer=tok,
                         bootstrap_iters=0)
     assert calls and set(calls) == {BatchedHFLM}
     monkeypatch.setattr("mlkv.evaluation.harness.BatchedHFLM._loglikelihood_tokens", HFLM._loglikelihood_tokens)
-    theirs = ev.run_tasks(model, ["piqa", "lambada_openai"], limit=8, batch_size=4, data_dir=DATA, tokenizer=tok,
+    theirs = tasks.run_tasks(model, ["piqa", "lambada_openai"], limit=8, batch_size=4, data_dir=DATA, tokenizer=tok,
                           bootstrap_iters=0)
     for task in ("piqa", "lambada_openai"):
         assert ours["results"][task]["acc,none"] == theirs["results"][task]["acc,none"]

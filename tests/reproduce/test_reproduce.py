@@ -1,15 +1,16 @@
 """The paper pipeline, tiny, on CPU: every stage runs, resumes, and writes the report."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
 
-from mlkv.reproduce.pipeline import Settings, planned_runs, reproduce, resolve_data_dir, run_name
+from mlkv.data.paths import default_data_dir
+from mlkv.reproduce.config import Settings, planned_runs, run_name
+from mlkv.reproduce.pipeline import reproduce, resolve_data_dir
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA = default_data_dir()
 needs_data = pytest.mark.skipif(not (DATA / "corpus" / "gutenberg").is_dir(), reason="shared data not found")
 
 
@@ -96,7 +97,8 @@ def test_base_from_a_local_hf_checkpoint_skips_pretraining(tmp_path):
 def test_plan_names_and_settings_guard(tmp_path):
     import argparse
 
-    from mlkv.reproduce.pipeline import add_reproduce_arguments, check_settings, plan_of, settings_from_args
+    from mlkv.reproduce.command import add_reproduce_arguments, settings_from_args
+    from mlkv.reproduce.config import check_settings, plan_of
 
     assert [plan_of(r) for r in ("base", "MHA-144-lm", "MLKV-6-distill", "MLKV-2-lm-pairwise", "MLKV-2-lm-first-s1",
                                  "MLKV-6-lm-s2")] == ["MHA-144", "MHA-144", "MLKV-6", "MLKV-2", "MLKV-2", "MLKV-6"]

@@ -1,15 +1,16 @@
 """Local copies of the zero-shot evaluation sets, in the document schema of lm-evaluation-harness's own tasks.
 
 The task YAMLs next to this file are copies of lm-eval 0.4.13's task YAMLs whose dataset comes from
-``custom_dataset: !function mlkv.evaluation.tasks.converters.load_<task>`` instead of the Hugging Face hub. Each loader reads the
-shared data folder (``eval/...``, see the shared ``README.md``) and returns a ``datasets.DatasetDict`` whose
-split (the one the YAML evaluates) holds documents with exactly the fields of the hub dataset that the
-harness's task reads, so the harness's own ``doc_to_text`` / ``doc_to_target`` / ``doc_to_choice`` /
+``custom_dataset: !function mlkv.evaluation.task_configs.converters.load_<task>`` instead of the Hugging Face hub.
+Each loader reads the shared data folder (``eval/...``, see the shared ``README.md``) and returns a
+``datasets.DatasetDict`` whose split (the one the YAML evaluates) holds documents with exactly the fields of the hub
+dataset that the harness's task reads, so the harness's own ``doc_to_text`` / ``doc_to_target`` / ``doc_to_choice`` /
 ``process_docs`` build the prompts.
 
-The harness calls a ``custom_dataset`` with the task's ``metadata`` as keyword arguments; ``mlkv.evaluate``
-puts the data folder there as ``mlkv_data_dir``. Without it, the folder is ``mlkv.data.pipeline.default_data_dir()``
-(``$MLKV_DATA``, else ``../shared/data`` from the working directory, else from the repository root).
+The harness calls a ``custom_dataset`` with the task's ``metadata`` as keyword arguments;
+``mlkv.evaluation.tasks.task_manager`` puts the data folder there as ``mlkv_data_dir``. Without it, the folder is
+``mlkv.data.paths.default_data_dir()`` (``$MLKV_DATA``, else ``../shared/data`` from the working directory, else from
+the repository root). The readers need only the standard library; ``datasets`` is imported when a loader runs.
 
 Conversions (shared file -> hub schema):
 
@@ -43,40 +44,14 @@ import os
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
+from mlkv.data.paths import data_file
+from mlkv.errors import require_extra
+from mlkv.evaluation.task_configs import TASK_FILES, TASK_SPLITS
 
-from mlkv.data.paths import DATA_ENV, DATA_FLAG, DataFileNotFoundError, data_file, default_data_dir
-
-#: Files (relative to the data folder) that each task reads.
-TASK_FILES: dict[str, tuple[str, ...]] = {
-    "lambada_openai": ("eval/lambada_openai/lambada_test.jsonl",),
-    "piqa": ("eval/piqa/valid.jsonl", "eval/piqa/valid-labels.lst"),
-    "arc_easy": ("eval/arc_easy/arc_easy_test.llmfoundry.jsonl",),
-    "hellaswag": ("eval/hellaswag/hellaswag_val.jsonl",),
-    "sciq": ("eval/sciq/sciq_test.jsonl",),
-    "boolq": ("eval/boolq/boolq_dev.llmfoundry.jsonl",),
-    "openbookqa": ("eval/openbookqa/openbookqa_test.llmfoundry.jsonl",),
-    "wikitext": ("eval/wikitext2/wiki.test.raw",),
-}
-
-#: The split each task's YAML evaluates (the same split as the harness's task).
-TASK_SPLITS: dict[str, str] = {
-    "lambada_openai": "test",
-    "piqa": "validation",
-    "arc_easy": "test",
-    "hellaswag": "validation",
-    "sciq": "test",
-    "boolq": "validation",
-    "openbookqa": "test",
-    "wikitext": "test",
-}
-
-
-def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The shared data folder (``mlkv.data.paths.default_data_dir``). It may not exist."""
-    return default_data_dir(data_dir)
+if TYPE_CHECKING:
+    import datasets
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -258,36 +233,25 @@ READERS: dict[str, Callable[[str | os.PathLike | None], list[dict[str, Any]]]] =
 
 def load_task_dataset(task: str, mlkv_data_dir: str | os.PathLike | None = None) -> datasets.DatasetDict:
     """The converted documents of ``task`` as ``DatasetDict({<split the YAML evaluates>: Dataset})``."""
+    datasets = require_extra("datasets", "the local evaluation tasks")
     return datasets.DatasetDict({TASK_SPLITS[task]: datasets.Dataset.from_list(READERS[task](mlkv_data_dir))})
 
 
-def load_lambada_openai(mlkv_data_dir=None, **_metadata) -> datasets.DatasetDict:
-    return load_task_dataset("lambada_openai", mlkv_data_dir)
+def _loader(task: str) -> Callable[..., datasets.DatasetDict]:
+    """The ``custom_dataset`` function of ``task``'s YAML: ``load_task_dataset`` with the data folder the harness
+    passes in the task's metadata (the other metadata fields are ignored)."""
+    def load(mlkv_data_dir=None, **_metadata) -> datasets.DatasetDict:
+        return load_task_dataset(task, mlkv_data_dir)
+
+    load.__name__ = load.__qualname__ = f"load_{task}"
+    return load
 
 
-def load_piqa(mlkv_data_dir=None, **_metadata) -> datasets.DatasetDict:
-    return load_task_dataset("piqa", mlkv_data_dir)
-
-
-def load_arc_easy(mlkv_data_dir=None, **_metadata) -> datasets.DatasetDict:
-    return load_task_dataset("arc_easy", mlkv_data_dir)
-
-
-def load_hellaswag(mlkv_data_dir=None, **_metadata) -> datasets.DatasetDict:
-    return load_task_dataset("hellaswag", mlkv_data_dir)
-
-
-def load_sciq(mlkv_data_dir=None, **_metadata) -> datasets.DatasetDict:
-    return load_task_dataset("sciq", mlkv_data_dir)
-
-
-def load_boolq(mlkv_data_dir=None, **_metadata) -> datasets.DatasetDict:
-    return load_task_dataset("boolq", mlkv_data_dir)
-
-
-def load_openbookqa(mlkv_data_dir=None, **_metadata) -> datasets.DatasetDict:
-    return load_task_dataset("openbookqa", mlkv_data_dir)
-
-
-def load_wikitext(mlkv_data_dir=None, **_metadata) -> datasets.DatasetDict:
-    return load_task_dataset("wikitext", mlkv_data_dir)
+load_lambada_openai = _loader("lambada_openai")
+load_piqa = _loader("piqa")
+load_arc_easy = _loader("arc_easy")
+load_hellaswag = _loader("hellaswag")
+load_sciq = _loader("sciq")
+load_boolq = _loader("boolq")
+load_openbookqa = _loader("openbookqa")
+load_wikitext = _loader("wikitext")

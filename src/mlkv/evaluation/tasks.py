@@ -1,0 +1,222 @@
+"""Zero-shot tasks through the real lm-evaluation-harness, used as a library.
+
+``run_tasks`` runs ``simple_evaluate`` on a ``BatchedHFLM`` (``mlkv.evaluation.harness``) wrapping the model, with a
+``TaskManager`` over ``mlkv/evaluation/task_configs`` -- copies of the harness's own task YAMLs (same prompts and
+metrics, same task names) that read the shared local files (see ``mlkv.evaluation.task_configs.converters``).
+``data_source="hub"`` uses the harness's built-in tasks and hub datasets instead.
+
+``request_cache=DIR`` keeps the harness's built requests (prompts and continuations, the same for every model) in a
+subfolder of ``DIR`` named by a fingerprint of the task YAMLs, the task data files and the harness's version; later
+full-set evaluations load them instead of building them again (43.2 s of host time per model, profiled, for the
+paper's five tasks; ``benchmarks/eval_host_cost.py``). The harness stores them with ``dill`` (a pickle): point it
+only at a folder of your own.
+
+The task lists and checks import nothing heavy; lm-eval (the ``eval`` extra) is imported when a task runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from mlkv.checkpoints import load_model
+from mlkv.data.paths import data_file, default_data_dir
+from mlkv.errors import UsageError, require_extra
+from mlkv.evaluation.model_info import describe_model, model_device
+from mlkv.evaluation.task_configs import TASK_FILES, TASKS_DIR
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["DEFAULT_TASKS", "PAPER_TASKS", "SUPPORTED_TASKS", "UnknownTaskError", "build_request_cache",
+           "check_task_files", "check_tasks", "request_cache_dir", "run_tasks", "task_manager"]
+
+#: Tasks with local copies (``task_configs/*.yaml``), in the harness's names.
+SUPPORTED_TASKS: tuple[str, ...] = tuple(TASK_FILES)
+#: The MLKV paper's four tasks, in the order of its tables; their mean accuracy is the paper's "avg of 4".
+PAPER_TASKS: tuple[str, ...] = ("arc_easy", "lambada_openai", "piqa", "sciq")
+#: What ``mlkv eval`` and ``mlkv reproduce`` run by default: the paper's four tasks plus HellaSwag.
+DEFAULT_TASKS: tuple[str, ...] = PAPER_TASKS + ("hellaswag",)
+
+
+class UnknownTaskError(UsageError):
+    """A task name that is not supported; the message lists the supported ones."""
+
+
+def check_tasks(tasks: str | Sequence[str], data_source: str = "local", manager=None) -> list[str]:
+    """Task names as a list (comma-separated strings are split); raises ``UnknownTaskError`` for unknown ones.
+
+    With ``data_source="local"`` the supported tasks are ``SUPPORTED_TASKS``; with ``"hub"`` any task the
+    harness knows (``manager``: a built-in ``TaskManager`` to ask, else one is built, which takes seconds).
+    """
+    if data_source not in ("local", "hub"):
+        raise UsageError(f"data_source must be 'local' or 'hub', not {data_source!r}")
+    names = [t.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for t in item.split(",")]
+    names = [t for t in names if t]
+    if not names:
+        raise UnknownTaskError(f"no tasks given; supported: {', '.join(SUPPORTED_TASKS)}")
+    if data_source == "local":
+        unknown = [t for t in names if t not in SUPPORTED_TASKS]
+        if unknown:
+            raise UnknownTaskError(
+                f"unknown task(s): {', '.join(unknown)}. Supported with local data: {', '.join(SUPPORTED_TASKS)} "
+                f"(any lm-eval task with --data-source hub)"
+            )
+    else:
+        known = set((manager or task_manager("hub")).all_tasks)
+        unknown = [t for t in names if t not in known]
+        if unknown:
+            raise UnknownTaskError(f"unknown lm-eval task(s): {', '.join(unknown)}; locally supported: "
+                                   f"{', '.join(SUPPORTED_TASKS)}")
+    return names
+
+
+def check_task_files(tasks: Sequence[str], data_dir: str | os.PathLike | None = None) -> None:
+    """Raise ``DataFileNotFoundError`` (naming the file, --data-dir and $MLKV_DATA) for a missing task file."""
+    for name in tasks:
+        for relative in TASK_FILES[name]:
+            data_file(data_dir, relative)
+
+
+def task_manager(data_source: str = "local", data_dir: str | os.PathLike | None = None):
+    """The harness's ``TaskManager``: our local task copies only (``"local"``), or the built-in tasks (``"hub"``)."""
+    harness_tasks = require_extra("lm_eval.tasks", "zero-shot tasks")
+    if data_source == "hub":
+        return harness_tasks.TaskManager()
+    return harness_tasks.TaskManager(include_path=str(TASKS_DIR), include_defaults=False,
+                                     metadata={"mlkv_data_dir": str(default_data_dir(data_dir).resolve())})
+
+
+def request_cache_dir(root: str | os.PathLike, names: Sequence[str], data_dir: str | os.PathLike | None) -> Path:
+    """The folder under ``root`` for the harness's request cache of local tasks ``names``: its name is a fingerprint
+    of everything the built requests depend on (the task YAMLs and the converters that load their documents, the
+    data files' paths, sizes and modification times, the harness's and ``datasets``' versions), because the
+    harness's own cache key is only the task name. Cached requests are matched to freshly loaded documents by
+    position, so a stale cache would score old prompts against new labels."""
+    lm_eval = require_extra("lm_eval", "zero-shot tasks")
+    datasets = require_extra("datasets", "zero-shot tasks")
+    parts = [getattr(lm_eval, "__version__", ""), datasets.__version__]
+    parts += [path.read_text() for path in sorted(TASKS_DIR.glob("*.py"))]
+    for name in sorted(names):
+        parts.append((TASKS_DIR / f"{name}.yaml").read_text())
+        for rel in TASK_FILES.get(name, ()):
+            path = data_file(data_dir, rel)
+            stat = path.stat()
+            parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    digest = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    return Path(root) / f"requests-{digest}"
+
+
+def build_request_cache(tasks: str | Sequence[str], root: str | os.PathLike,
+                        data_dir: str | os.PathLike | None = None) -> Path:
+    """Build every document's requests of the local ``tasks`` once and cache them under ``root`` (see
+    ``request_cache_dir``), so that evaluations run in parallel afterwards all load them; returns the folder.
+
+    It runs ``simple_evaluate`` itself, with a model that answers every request with a constant, so that the cache
+    keys (which name the shots, the fewshot-as-multiturn flag and more) are exactly those of a real evaluation."""
+    lm_eval = require_extra("lm_eval", "zero-shot tasks")
+    from lm_eval.api.model import LM
+
+    class _RequestsOnly(LM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return [(0.0, False)] * len(requests)
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
+            return [0.0] * len(requests)
+
+        def generate_until(self, requests, disable_tqdm: bool = False):
+            return [""] * len(requests)
+
+    manager = task_manager("local", data_dir)
+    names = check_tasks(tasks, "local", manager)
+    check_task_files(names, data_dir)
+    folder = request_cache_dir(root, names, data_dir)
+    with _request_cache_path(folder):
+        lm_eval.simple_evaluate(model=_RequestsOnly(), tasks=names, task_manager=manager, bootstrap_iters=0,
+                                cache_requests=True)
+    return folder
+
+
+@contextlib.contextmanager
+def _request_cache_path(folder: Path):
+    """lm-eval's request cache is one module-level folder: point it at ``folder`` for a while, then back."""
+    import lm_eval.caching.cache as request_cache
+
+    old, request_cache.PATH = request_cache.PATH, str(folder)
+    try:
+        yield
+    finally:
+        request_cache.PATH = old
+
+
+def run_tasks(model, tasks: str | Sequence[str] = DEFAULT_TASKS, limit: int | None = None,
+              batch_size: int | str = 8, device: str | None = None, data_dir: str | os.PathLike | None = None,
+              tokenizer=None, data_source: str = "local", dtype: str | torch.dtype | None = None,
+              max_length: int | None = None, bootstrap_iters: int = 1000, log_samples: bool = False,
+              request_cache: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Zero-shot evaluation with lm-evaluation-harness; returns the harness's output plus an ``"mlkv"`` section.
+
+    ``model`` is a checkpoint directory (loaded with ``load_model`` on ``device``) or a loaded model (used where it
+    is; ``tokenizer`` then is a tokenizer or its directory, default ``model.name_or_path``). ``limit`` evaluates the
+    first ``limit`` documents of each task. ``bootstrap_iters`` is for the stderr of non-mean metrics (LAMBADA
+    perplexity; the harness's CLI default is 100000). Data files are checked before anything is loaded.
+    ``request_cache``: a folder for the harness's request cache (local tasks, full sets only: with ``limit`` the
+    harness would build every document to fill it), see the module doc.
+    """
+    lm_eval = require_extra("lm_eval", "zero-shot tasks")
+    from mlkv.evaluation.harness import BatchedHFLM
+
+    manager = task_manager(data_source, data_dir)
+    names = check_tasks(tasks, data_source, manager)
+    if data_source == "local":
+        check_task_files(names, data_dir)
+    start = time.time()
+    source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
+    model, tokenizer = _model_and_tokenizer(model, tokenizer, device, dtype)
+    lm = BatchedHFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size,
+                     max_length=max_length)
+    cached = request_cache is not None and limit is None and data_source == "local"
+    cache_folder = request_cache_dir(request_cache, names, data_dir) if cached else None
+    with _request_cache_path(cache_folder) if cached else contextlib.nullcontext():
+        output = lm_eval.simple_evaluate(
+            model=lm, tasks=names, limit=limit, task_manager=manager,
+            bootstrap_iters=bootstrap_iters, log_samples=log_samples, cache_requests=cached,
+        )
+    output = dict(output)
+    output["mlkv"] = {
+        **describe_model(model, source),
+        "tasks": names,
+        "limit": limit,
+        "data_source": data_source,
+        "data_dir": str(default_data_dir(data_dir).resolve()) if data_source == "local" else None,
+        "batch_size": batch_size,
+        "device": str(model_device(model)),
+        "max_length": lm.max_length,
+        "lm_eval_version": getattr(lm_eval, "__version__", None),
+        "request_cache": str(cache_folder) if cached else None,
+        "seconds": round(time.time() - start, 1),
+    }
+    return output
+
+
+def _model_and_tokenizer(model, tokenizer, device: str | None, dtype: str | torch.dtype | None):
+    """``run_tasks``'s model: a checkpoint directory loaded with its tokenizer (``mlkv.checkpoints.load_model``), or
+    a loaded model moved to ``device`` if given, with ``tokenizer`` (an object, or a directory; default the model's
+    ``name_or_path``)."""
+    if isinstance(model, (str, os.PathLike)):
+        return load_model(model, device, dtype, tokenizer)
+    if device is not None:
+        model = model.to(device)
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        from transformers import AutoTokenizer
+
+        source = tokenizer or getattr(model, "name_or_path", None)
+        if not source:
+            raise UsageError("run_tasks needs a tokenizer for a model object without name_or_path")
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, tokenizer
