@@ -13,7 +13,7 @@ perplexity (the report's measure):
 * ``kd-a0.5``: half KL, half cross-entropy.
 * ``kd-t2``: KL at temperature 2 (scaled by T^2).
 * ``kd-h1``, ``kd-h10``, ``kd-h100``: KL plus 1, 10 or 100 times the layer-wise hidden-state distance to the teacher
-  (``mlkv.training.loop.hidden_distance``: mean over layers of ``|h_s - h_t|^2 / |h_t|^2``).
+  (``mlkv.training.hidden_distance``: mean over layers of ``|h_s - h_t|^2 / |h_t|^2``).
 * ``lm-lr2x``, ``kd-lr2x``, ``kd-h10-lr2x``: twice ``--uptrain-lr`` (is the short uptraining limited by its step
   size instead?).
 

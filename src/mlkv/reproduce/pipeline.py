@@ -334,8 +334,8 @@ def stage_bench(s: Settings, out: Path) -> dict | None:
     from mlkv.inference.bench.run import run_bench
 
     say("bench: memory and throughput per config (the base's shape; the engine only, see mlkv bench for HF)")
-    result = run_bench(str(out / "base"), plans=list(s.plans), out_dir=str(out / "bench"), hf=False,
-                       compile=False, quick=True, batches=[1, 64], step_batches=[64], deadline_s=300, progress=False)
+    result = run_bench(str(out / "base"), plans=list(s.plans), out=str(out / "bench"), hf=False,
+                       compile=False, quick=True, batch=[1, 64], step_batch=[64], deadline_s=300, progress=False)
     atomic_json(path, result)
     return result
 
