@@ -59,7 +59,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", default="smollm2", help="a .gguf, a known GGUF name (smollm2) or a HF checkpoint folder")
     p.add_argument("--plans", nargs="+", default=["30x1", "10x3", "6x1"], help="sharing plans to convert to")
-    p.add_argument("--inits", nargs="+", default=[*INITS, "lsq"], help="conversion inits to compare")
+    p.add_argument("--inits", nargs="+", default=list(INITS), help="conversion inits to compare")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
     p.add_argument("--calibration-seqs", type=int, default=8, help="calibration sequences (lsq)")
     p.add_argument("--eval-seqs", type=int, default=8, help="scored sequences")

@@ -37,7 +37,7 @@ def test_time_at_max_batch_backs_off_after_out_of_memory(monkeypatch):
         measure.time_at_max_batch(None, 5000, 64, "cpu", tries=2)
     assert tried == [5000, 4750]
 
-    def broken_step(model, batch, context, device):  # not an out-of-memory error: no retry
+    def broken_step(model, batch, context, device, decode_attention="sdpa"):  # not an out-of-memory error: no retry
         tried.append(batch)
         raise RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED")
 
