@@ -32,7 +32,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
                  ("mlkv generate runs/mlkv6-up --prompt 'The old house' --engine fast",)),
     "bench": ("mlkv.inference.bench.command", "decode speed, memory and max batch per plan",
               ("mlkv bench pythia-160m --plans MHA-144 MLKV-6 --batch 1 64",)),
-    "reproduce": ("mlkv.reproduce.command", "the paper's pipeline: pretrain, convert, uptrain, evaluate, bench",
+    "reproduce": ("mlkv.reproduce.command", "the paper's experiment end to end",
                   ("mlkv reproduce --smoke --out runs/smoke",)),
 }
 
@@ -47,11 +47,9 @@ def _version() -> str:
 
 
 def _epilog() -> str:
-    lines = ["commands:"]
-    lines += [f"  {name:<10} {purpose}" for name, (_, purpose, _) in COMMANDS.items()]
-    lines += ["", "examples:"]
+    lines = ["examples:"]
     lines += [f"  {example}" for _, _, examples in COMMANDS.values() for example in examples[:1]]
-    lines += ["", "Each command's own --help lists its flags and more examples."]
+    lines += ["", "Each command's own --help lists its flags, their defaults and examples."]
     return "\n".join(lines)
 
 
@@ -73,8 +71,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
         p = sub.add_parser(name, help=purpose, description=(run.__doc__ or purpose).strip(), epilog=epilog,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error")
         getattr(mod, f"add_{name}_arguments")(p)
+        if p.epilog != epilog:  # the command set its own closing text: the examples come after it
+            p.epilog = f"{p.epilog}\n\n{epilog}"
         p.set_defaults(func=run)
     return parser
 
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:  # noqa: BLE001  (the boundary: known kinds become one line, bugs re-raise)
         message = describe_error(err)
-        if message is None or args.debug:
+        if message is None or getattr(args, "debug", False):
             raise
         print(f"mlkv {args.command}: error: {message}", file=sys.stderr)
         return 2
