@@ -32,6 +32,30 @@ def test_packing_every_token_exactly_once():
         PackedDataset(tokens[:10], seq_len=64, seed=0)
 
 
+def test_fingerprint_changes_with_any_token_of_a_small_store_and_reads_a_fixed_amount_of_a_large_one():
+    tokens = np.arange(5000, dtype=np.uint16) % 300
+    base = PackedDataset(tokens, 64, seed=0).fingerprint()
+    assert base == PackedDataset(tokens.copy(), 64, seed=9).fingerprint()  # the tokens, not the order
+    for position in (0, 2500, 4999):  # under 64 blocks of 4096 tokens every token is read
+        changed = tokens.copy()
+        changed[position] += 1
+        assert PackedDataset(changed, 64).fingerprint() != base
+    assert PackedDataset(tokens[:-1], 64).fingerprint() != base
+    assert PackedDataset(tokens.astype(np.uint32), 64).fingerprint() != base
+
+    class Counting(np.ndarray):
+        read = 0
+
+        def __getitem__(self, key):
+            if isinstance(key, slice):
+                Counting.read += len(range(*key.indices(len(self))))
+            return super().__getitem__(key)
+
+    large = np.zeros(10_000_000, dtype=np.uint16).view(Counting)
+    PackedDataset(large, 64).fingerprint()
+    assert Counting.read == 64 * 4096
+
+
 def test_shuffle_deterministic_by_seed():
     tokens = np.arange(64 * 50, dtype=np.uint16)
     a, b, c = (PackedDataset(tokens, 64, seed=s) for s in (7, 7, 8))

@@ -9,7 +9,7 @@ import lzma
 
 import pytest
 
-from mlkv.data.sources import HFSource, ReadStats, list_source_files, read_documents
+from mlkv.data.sources import DataFileError, HFSource, ReadStats, list_source_files, read_documents
 from mlkv.data.store import build_token_store
 from tinydata import DOCS, write_jsonl, write_parquet
 
@@ -136,23 +136,60 @@ def test_error_empty_inputs(tmp_path, tiny_tokenizer, kind):
     assert not list((tmp_path / "cache").glob("*/*")) if (tmp_path / "cache").exists() else True
 
 
-def test_non_utf8_lines_are_counted_and_skipped(tmp_path, tiny_tokenizer):
+def test_a_few_non_utf8_lines_and_bytes_are_counted_and_skipped(tmp_path, tiny_tokenizer):
+    """Under 1 in 100 lines (JSONL) or characters (.txt) undecodable: dropped with a warning and counted."""
     path = tmp_path / "mixed.jsonl"
-    good = [json.dumps({"text": d}).encode() for d in DOCS[:3]]
-    path.write_bytes(good[0] + b"\n" + b'{"text": "bad \xff\xfe byte"}\n' + good[1] + b"\n" + good[2] + b"\n")
+    good = [json.dumps({"text": DOCS[i % len(DOCS)]}).encode() + b"\n" for i in range(150)]
+    path.write_bytes(b"".join(good[:50]) + b'{"text": "bad \xff\xfe byte"}\n' + b"".join(good[50:]))
     stats = ReadStats()
-    assert list(read_documents(path, stats=stats)) == DOCS[:3]
+    assert len(list(read_documents(path, stats=stats))) == 150
     assert stats.skipped_lines == 1
     store = build_token_store([path], tiny_tokenizer, tmp_path / "cache")
     assert store.meta["read_stats"]["skipped_lines"] == 1
-    # .txt: invalid bytes are dropped and counted, the rest of the document is kept
     txt = tmp_path / "latin1.txt"
-    txt.write_bytes("café ok".encode("latin-1"))
+    txt.write_bytes(("x" * 200 + " café ok").encode("latin-1"))
     stats = ReadStats()
-    assert list(read_documents(txt, stats=stats)) == ["caf ok"]
+    assert list(read_documents(txt, stats=stats)) == ["x" * 200 + " caf ok"]
     assert stats.decode_errors == 1
-    # a file whose every line is undecodable is an error, not a silent empty dataset
-    only_bad = tmp_path / "only_bad.jsonl"
+
+
+def test_a_file_with_more_than_one_percent_bad_text_is_an_error_naming_it(tmp_path):
+    binary = tmp_path / "image.txt"
+    binary.write_bytes(bytes(range(256)) * 40)  # a binary file: undecodable bytes and control characters
+    with pytest.raises(DataFileError, match=r"image.txt: \d+ of 10240 characters \(\d+\.\d%\) are undecodable "
+                                            r"UTF-8 \(\d+\) or binary control characters \(\d+\): not a UTF-8 text "
+                                            r"file; convert it to UTF-8, remove it, or pass --allow-bad-text"):
+        list(read_documents(binary))
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("café crème brûlée".encode("latin-1"))  # 4 bad bytes of 17 characters
+    with pytest.raises(DataFileError, match=r"latin1.txt: 4 of 17 characters \(23.5%\) are undecodable UTF-8 \(4\)"):
+        list(read_documents(latin1))
+    assert list(read_documents(latin1, allow_bad_text=True)) == ["caf crme brle"]
+    lines = tmp_path / "mostly_bad.jsonl"
+    lines.write_bytes(b'{"text": "fine"}\n' + b'{"text": "\xff"}\n' * 3)
+    with pytest.raises(DataFileError, match=r"mostly_bad.jsonl: 3 of 4 lines are not valid UTF-8; convert the file "
+                                            r"to UTF-8 or pass --allow-bad-text to skip them"):
+        list(read_documents(lines))
+    assert list(read_documents(lines, allow_bad_text=True)) == ["fine"]
+    only_bad = tmp_path / "only_bad.jsonl"  # every line undecodable: allowed, it is still no data
     only_bad.write_bytes(b'{"text": "\xff"}\n')
     with pytest.raises(ValueError, match=r"no documents in .*only_bad.jsonl .*'skipped_lines': 1"):
-        build_token_store([only_bad], tiny_tokenizer, tmp_path / "cache")
+        list(read_documents(only_bad, allow_bad_text=True))
+
+
+def test_a_jsonl_line_that_is_not_an_object_names_the_file_and_line(tmp_path):
+    path = tmp_path / "lists.jsonl"
+    path.write_text('{"text": "fine"}\n["a", "list"]\n', encoding="utf-8")
+    with pytest.raises(DataFileError, match=r"lists.jsonl, line 2: expected a JSON object with a 'text' field, "
+                                            r"got list"):
+        list(read_documents(path))
+
+
+def test_a_truncated_xz_names_the_file_and_the_last_line_read(tmp_path):
+    whole = write_jsonl(tmp_path / "whole.jsonl.xz", DOCS * 50, lzma.open).read_bytes()
+    cut = tmp_path / "cut.jsonl.xz"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataFileError, match=r"cannot read data file .*cut.jsonl.xz after line \d+: Compressed file "
+                                            r"ended before the end-of-stream marker was reached; the file is "
+                                            r"truncated or corrupt"):
+        list(read_documents(cut))

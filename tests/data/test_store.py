@@ -44,6 +44,18 @@ def test_store_token_invariant_and_dtype(tmp_path, jsonl_file, tiny_tokenizer):
     assert not [p for p in store.path.iterdir() if ".tmp" in p.name]  # temp files were replaced
 
 
+def test_a_killed_builds_temporary_file_is_removed_by_the_next_build(tmp_path, jsonl_file, tiny_tokenizer, caplog):
+    first = build_token_store([jsonl_file], tiny_tokenizer, tmp_path / "cache", progress=False)
+    for name in ("meta.json", "tokens.bin"):  # as a build killed while writing tokens.bin leaves the folder
+        (first.path / name).unlink()
+    stale = first.path / ".tokens.bin.tmp-99999-deadbeef"
+    stale.write_bytes(b"\0" * 1000)
+    again = build_token_store([jsonl_file], tiny_tokenizer, tmp_path / "cache", progress=False)
+    assert not again.from_cache and again.num_tokens == first.num_tokens
+    assert not stale.exists() and f"removed {stale}, left by an interrupted earlier tokenization" in caplog.text
+    assert sorted(p.name for p in first.path.iterdir()) == ["doc_offsets.npy", "meta.json", "tokens.bin"]
+
+
 def test_store_cache_reuse_does_not_tokenize(tmp_path, jsonl_file, tiny_tokenizer, monkeypatch):
     first = build_token_store([jsonl_file], tiny_tokenizer, tmp_path / "cache")
     assert not first.from_cache

@@ -240,3 +240,30 @@ def test_an_mha_mlkv_checkpoint_converts_to_a_plan(tmp_path):
     build_model(state, config).save_pretrained(tmp_path / "shared")
     with pytest.raises(ConversionError, match=r"already shares K/V across layers"):
         convert_state(tmp_path / "shared", "1x1")
+
+
+def test_a_killed_conversions_temporary_folder_is_removed_and_reported_by_the_next(tmp_path, capsys):
+    src = saved(hf_llama(), tmp_path / "src")
+    stale = tmp_path / ".dst.tmp-99999-deadbeef"  # what a conversion killed mid-write leaves
+    (stale / ".gguf-x").mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"partial")
+    convert_checkpoint(src, tmp_path / "dst", plan="2x1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "src"]
+    assert f"mlkv: removed {stale}, left by an interrupted earlier run" in capsys.readouterr().err
+
+
+def test_a_truncated_or_malformed_source_is_a_conversion_error_naming_the_file(tmp_path):
+    src = saved(hf_llama(), tmp_path / "src")
+    weights = src / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ConversionError, match=r"src/model.safetensors: cannot be read \(Error while deserializing "
+                                              r"header: incomplete metadata, file not fully covered\); the file is "
+                                              r"missing, truncated or corrupt: download or copy the checkpoint again"):
+        convert_checkpoint(src, tmp_path / "dst", plan="2x1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+    (src / "config.json").write_text('["not", "a", "config"]')
+    with pytest.raises(ConversionError, match=r"src/config.json: not a model config \(a JSON list, not an object\)"):
+        convert_state(src, "mha")
+    (src / "config.json").write_text('{"architectures": ')
+    with pytest.raises(ConversionError, match=r"src/config.json: cannot be read \(Expecting value: line 1"):
+        convert_state(src, "mha")

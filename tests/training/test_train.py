@@ -1,13 +1,16 @@
-"""Tests of training runs (mlkv.training.train and the ``mlkv train`` command), on CPU in fp32: a tiny model (hidden
-32, 2 layers, vocab 50304 to cover the GPT-NeoX tokenizer) trained on 2 books of the shared Gutenberg val file,
-seq_len 64. Skipped when the shared data is absent."""
+"""Tests of training runs (mlkv.training.train and the ``mlkv train`` command), on CPU in fp32: the tiny model of
+``trainkit`` trained on 2 books of the shared Gutenberg val file, seq_len 64. Skipped when the shared data is
+absent."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
+import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -20,46 +23,19 @@ from tokenizers import Tokenizer
 from transformers import AutoModelForCausalLM
 
 import mlkv  # noqa: F401  (registers MLKV with the Auto classes)
-from mlkv.data import default_data_dir
-from mlkv.training import NonFiniteLossError, TrainConfig, TrainHooks, train
+from mlkv.cli import main as cli_main
+from mlkv.errors import UsageError
+from mlkv.training import NonFiniteLossError, TrainHooks, train
 from mlkv.training.command import main
 from mlkv.training.loss import LossModel
-
-DATA = default_data_dir()
-VAL_FILE = DATA / "corpus" / "gutenberg" / "val.jsonl.xz"
-TOKENIZER = DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
-SRC = Path(__file__).resolve().parents[2] / "src"
-needs_data = pytest.mark.skipif(not (VAL_FILE.is_file() and TOKENIZER.is_file()), reason="shared data not found")
-
-TINY = {"model_type": "mlkv", "flavor": "gpt_neox", "vocab_size": 50304, "hidden_size": 32, "intermediate_size": 64,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 128}
+from mlkv.training.resume import ResumeMismatchError
+from trainkit import (SRC, TOKENIZER, VAL_FILE, cli_flags, make_config, needs_data, read_metrics, step_losses,
+                      write_config)
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("train")
-
-
-def write_config(folder: Path, name: str = "tiny.json", **overrides) -> Path:
-    path = folder / name
-    path.write_text(json.dumps({**TINY, **overrides}))
-    return path
-
-
-def make_config(workdir: Path, out: Path, model: Path | str | None = None, **kw) -> TrainConfig:
-    fields = dict(model=str(model or write_config(workdir)), out=str(out), data=[str(VAL_FILE)],
-                  tokenizer=str(TOKENIZER), max_documents=2, val_fraction=0.5, cache_dir=str(workdir / "cache"),
-                  seq_len=64, micro_batch_size=4, lr=3e-3, log_every=1, eval_every=0, eval_batches=10,
-                  save_every=0, progress=False, tensorboard=False)
-    return TrainConfig(**{**fields, **kw})
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def step_losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(out) if "loss" in r}
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +95,61 @@ def test_cli(workdir, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert status == 0 and summary["steps"] == 2 and summary["total_steps"] == 2 and summary["tokens"] == 512
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
+
+
+@needs_data
+def test_seq_len_above_the_models_positions_is_refused_before_the_data_is_read(workdir, tmp_path):
+    with pytest.raises(UsageError, match=r"--seq-len 256 is above the model's max_position_embeddings \(128, "
+                                         r".*tiny.json\): use --seq-len 128 or less"):
+        train(make_config(workdir, tmp_path / "out", steps=1, seq_len=256, data=["/nonexistent.jsonl"]))
+
+
+@needs_data
+def test_a_model_folder_whose_save_was_interrupted_is_an_error_not_a_random_init(workdir, tmp_path, trained):
+    """config.json and a tokenizer but no weights: what an interrupted save leaves, not a config to pretrain from."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        shutil.copyfile(trained[0] / name, broken / name)
+    with pytest.raises(FileNotFoundError, match=r"--model .*broken: config.json but no weights \(\*.safetensors\); "
+                                                r"an interrupted save\?"):
+        train(make_config(workdir, tmp_path / "out", model=broken, steps=1))
+    shutil.copytree(trained[0], broken, dirs_exist_ok=True)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(UsageError, match=r"--model .*broken: its weights \(model.safetensors\) cannot be read "
+                                         r"\(Error while deserializing header.*\): a file is truncated or corrupt; "
+                                         r"write it again with the command that made it"):
+        train(make_config(workdir, tmp_path / "out", model=broken, steps=1))
+
+
+@needs_data
+def test_a_run_stopped_by_sigterm_exits_143_and_its_summary_says_interrupted(workdir, tmp_path, monkeypatch, capsys):
+    """So that ``mlkv train ... && mlkv eval ...`` does not evaluate an unfinished model."""
+    def sigterm(step, _model):
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr("mlkv.training.loop.TrainHooks", lambda: TrainHooks(after_backward=sigterm))
+    cfg = make_config(workdir, tmp_path / "run", steps=3)
+    assert cli_main(["train", *cli_flags(cfg)]) == 128 + signal.SIGTERM
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["interrupted"] and summary["stop_signal"] == signal.SIGTERM and summary["steps"] == 1
+    assert not (tmp_path / "run" / "config.json").exists()  # no final model
+    assert cli_main(["train", *cli_flags(cfg, resume=True)]) == 0
+
+
+@needs_data
+def test_the_progress_bar_shows_the_tokens_per_second_of_the_summary_including_the_last_step(workdir, tmp_path,
+                                                                                          capsys):
+    """The last step is read at once after the one before (for the final evaluation and checkpoint): its time is
+    still its own, and the bar's last figure is the summary's."""
+    summary = train(make_config(workdir, tmp_path / "run", steps=8, progress=True))
+    shown = re.findall(r"tok/s=([\d,]+)", capsys.readouterr().err)
+    assert len(shown) >= 2
+    assert float(shown[-1].replace(",", "")) == pytest.approx(summary["tokens_per_s"], rel=0.05)
+    seconds = summary["step_seconds"]
+    assert seconds[-1] > 0.2 * statistics.median(seconds[3:-1])  # not ~0, as a step timed by its read would be
 
 
 # ---- training -------------------------------------------------------------------------------------------------------
@@ -219,13 +250,14 @@ def test_resume_keeps_the_loss_and_teacher_shape_is_checked_first(workdir, tmp_p
     out = tmp_path / "kd"
     kd = dict(model=trained[0], steps=2, objective="distill", teacher=str(trained[0]), loss_chunk_tokens=64)
     train(make_config(workdir, out, stop_after_steps=1, distill_hidden=0.0, **kd))
-    with pytest.raises(ValueError, match=r"started with another loss \(--distill-hidden 0.0 -> 10.0\)"):
+    with pytest.raises(ResumeMismatchError, match=r"kd was started with other settings: --distill-hidden was 0.0, "
+                                                  r"now 10.0\. Resume it with the settings it started with"):
         train(make_config(workdir, out, resume=True, **kd))
     state_file = out / "checkpoint" / "trainer_state.json"
     state = json.loads(state_file.read_text())
-    del state["config"]["distill_hidden"]  # as written before the setting existed
+    del state["run"], state["config"]["distill_hidden"]  # as written before either was recorded
     state_file.write_text(json.dumps(state))
-    with pytest.raises(ValueError, match=r"--distill-hidden 0.0 -> 10.0"):
+    with pytest.raises(ResumeMismatchError, match=r"--distill-hidden was 0.0, now 10.0"):
         train(make_config(workdir, out, resume=True, **kd))
     assert train(make_config(workdir, out, resume=True, distill_hidden=0.0, **kd))["steps"] == 2
 

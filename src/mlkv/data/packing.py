@@ -23,6 +23,7 @@ Packing into ``seq_len`` sequences drops the last partial sequence; the number o
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -36,6 +37,10 @@ from mlkv.data.sources import is_hf_source, list_source_files
 from mlkv.data.store import TokenSegments, TokenStore, build_token_store, split_by_document
 
 logger = logging.getLogger(__name__)
+
+#: ``PackedDataset.fingerprint`` reads this many evenly spaced runs of this many tokens.
+FINGERPRINT_BLOCKS = 64
+FINGERPRINT_BLOCK_TOKENS = 4096
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -124,6 +129,16 @@ class PackedDataset(torch.utils.data.Dataset):
         """Endless (B, T) training batches from optimizer step ``start_step`` (for exact resumption)."""
         return self.batches(batch_size, start_step * batch_size * world_size, True, True, rank, world_size)
 
+    def fingerprint(self, blocks: int = FINGERPRINT_BLOCKS, block_tokens: int = FINGERPRINT_BLOCK_TOKENS) -> str:
+        """A sha256 (hex, 16 digits) of the tokens' count and dtype and of ``blocks`` evenly spaced runs of
+        ``block_tokens`` tokens: another corpus, tokenizer, split or limit changes it, and it costs the same at any
+        size (a resumed run checks it against the one it started with)."""
+        digest = hashlib.sha256(f"{len(self.tokens)} {np.dtype(self.tokens.dtype).name}".encode())
+        n = len(self.tokens)
+        for start in sorted({int(i * max(0, n - block_tokens) / max(1, blocks - 1)) for i in range(blocks)}):
+            digest.update(np.ascontiguousarray(self.tokens[start : start + block_tokens]).tobytes())
+        return digest.hexdigest()[:16]
+
     def num_batches(self, batch_size: int, drop_last: bool = False, world_size: int = 1) -> int:
         """Steps in one ``loop=False`` pass from sample 0."""
         step_samples = batch_size * world_size
@@ -151,13 +166,15 @@ def prepare_data(
     val_max_tokens: int | None = None,
     eos_id: int | None = None,
     progress: bool = True,
+    allow_bad_text: bool = False,
 ) -> tuple[PackedDataset, PackedDataset | None, dict[str, Any]]:
     """Train (shuffled by ``seed``) and optional validation (in order) datasets, plus stats.
 
     Validation comes from ``val_sources`` (e.g. the corpus' own ``val.jsonl.xz``) or, with ``val_fraction``,
     from held-out training documents -- not both. ``val_max_documents``/``val_max_tokens`` limit the val
     sources (default: the training limits). Stats: documents, tokens, sequences, dropped tail tokens per split,
-    and read counters (skipped lines, decode errors, empty documents).
+    and read counters (skipped lines, decode errors, empty documents). ``allow_bad_text``: train on what decodes of
+    a mostly undecodable file instead of refusing it.
     """
     train_list = _as_source_list(train_sources)
     val_list = _as_source_list(val_sources) if val_sources is not None else []
@@ -173,6 +190,7 @@ def prepare_data(
         "text_field": text_field,
         "eos_id": eos_id,
         "progress": progress,
+        "allow_bad_text": allow_bad_text,
     }
     train_store = build_token_store(train_list, max_documents=max_documents, max_tokens=max_tokens, **common)
     val_store = None

@@ -10,6 +10,11 @@ Sources are strings: a path to a file or folder, or ``"hf:<name>[:<config>][@<sp
     hf:json@train?data_files=/data/extra/*.jsonl
 
 A ``.txt`` file is one document; a JSONL line, parquet row or dataset row is one document (its text field).
+
+Bad input is an error naming the file (and line): a ``.txt`` file of which more than ``MAX_BAD_TEXT_FRACTION`` of
+the characters are undecodable bytes or binary control characters, a JSONL file with more than that fraction of
+undecodable lines (``allow_bad_text=True``, ``--allow-bad-text``: drop them with a warning instead), a JSONL line
+that is not an object, a truncated or corrupt compressed stream (``DataFileError``).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from mlkv.errors import require_extra
+from mlkv.errors import UsageError, require_extra
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,15 @@ PARQUET_SUFFIXES = (".parquet",)
 COMPRESSION_SUFFIXES = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 #: Errors that mean "this file cannot be read" (I/O, corrupt or truncated compressed stream).
 READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
+#: The largest fraction of bad characters (.txt: undecodable bytes and binary control characters) or bad lines
+#: (.jsonl: undecodable lines) a file may have before it is an error rather than cleaned with a warning.
+MAX_BAD_TEXT_FRACTION = 0.01
+#: Control characters that do not occur in text (NUL and the like; tab, newline, form feed and CR are text).
+BINARY_CHARACTERS = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
+
+
+class DataFileError(UsageError, OSError):
+    """A data file that cannot be read as text (corrupt, truncated, binary, malformed); the message names it."""
 
 
 @dataclass
@@ -142,11 +156,13 @@ def read_documents(
     text_field: str = "text",
     max_documents: int | None = None,
     stats: ReadStats | None = None,
+    allow_bad_text: bool = False,
 ) -> Iterator[str]:
     """Stream the documents of one source (a file, a folder or ``"hf:..."``), in a deterministic order.
 
     A ``.txt`` file is one document; a JSONL line / parquet row / dataset row is one document (its
     ``text_field``). Empty documents are skipped and counted. ``stats`` (optional) receives the counters.
+    ``allow_bad_text``: clean files with more than ``MAX_BAD_TEXT_FRACTION`` bad text (warning) instead of failing.
     """
     stats = stats if stats is not None else ReadStats()
     if max_documents is not None and max_documents <= 0:
@@ -154,7 +170,8 @@ def read_documents(
     if is_hf_source(source):
         documents = _read_hf(HFSource.parse(source), text_field, stats)
     else:
-        documents = (doc for path in list_source_files(source) for doc in _read_file(path, text_field, stats))
+        documents = (doc for path in list_source_files(source)
+                     for doc in _read_file(path, text_field, stats, allow_bad_text))
     count = 0
     try:
         for text in documents:
@@ -169,29 +186,51 @@ def read_documents(
         raise ValueError(f"no documents in {source} (text field {text_field!r}; read stats so far: {asdict(stats)})")
 
 
-def _read_file(path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    """Documents of one local file, with read errors re-raised as ``OSError`` naming the file."""
+class _Position:
+    """The line a reader has reached, for errors that name it."""
+
+    line: int = 0
+
+
+def _read_file(path: Path, text_field: str, stats: ReadStats, allow_bad_text: bool = False) -> Iterator[str]:
+    """Documents of one local file, with read errors re-raised as ``DataFileError`` naming the file (and line)."""
     kind, opener = _file_format(path)
     stats.files += 1
+    at = _Position()
     try:
         if kind == "parquet":
             yield from _read_parquet(path, text_field, stats)
             return
         with opener(path, "rb") as f:
             if kind == "txt":
-                yield from _read_txt(f, path, stats)
+                yield from _read_txt(f, path, stats, allow_bad_text)
             else:
-                yield from _read_jsonl(f, path, text_field, stats)
+                yield from _read_jsonl(f, path, text_field, stats, allow_bad_text, at)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"data file not found: {path}") from exc
+    except DataFileError:
+        raise
     except READ_ERRORS as exc:
-        raise OSError(f"cannot read data file {path}: {exc}") from exc
+        where = f" after line {at.line}" if at.line else ""
+        raise DataFileError(f"cannot read data file {path}{where}: {exc}; the file is truncated or corrupt "
+                            "(copy or download it again)") from exc
 
 
-def _read_txt(f: IO[bytes], path: Path, stats: ReadStats) -> Iterator[str]:
-    """A whole text file as one document; invalid UTF-8 bytes are dropped and counted."""
+def _read_txt(f: IO[bytes], path: Path, stats: ReadStats, allow_bad_text: bool = False) -> Iterator[str]:
+    """A whole text file as one document. Invalid UTF-8 bytes are dropped and counted; more than
+    ``MAX_BAD_TEXT_FRACTION`` of bad characters (those bytes and binary control characters) is an error unless
+    ``allow_bad_text``."""
     text = f.read().decode("utf-8", errors="surrogateescape")  # bad bytes -> lone surrogates U+DC80..U+DCFF
     text, n_bad = re.subn("[\udc80-\udcff]", "", text)
+    n_binary = len(BINARY_CHARACTERS.findall(text))
+    total = len(text) + n_bad
+    if total and (n_bad + n_binary) / total > MAX_BAD_TEXT_FRACTION:
+        problem = (f"{path}: {n_bad + n_binary} of {total} characters ({(n_bad + n_binary) / total:.1%}) are "
+                   f"undecodable UTF-8 ({n_bad}) or binary control characters ({n_binary}): not a UTF-8 text file")
+        if not allow_bad_text:
+            raise DataFileError(f"{problem}; convert it to UTF-8, remove it, or pass --allow-bad-text to train on "
+                                "what decodes")
+        logger.warning("%s (--allow-bad-text: training on the rest)", problem)
     if n_bad:
         stats.decode_errors += n_bad
         logger.warning("%s: dropped %d bytes that are not valid UTF-8", path, n_bad)
@@ -201,12 +240,17 @@ def _read_txt(f: IO[bytes], path: Path, stats: ReadStats) -> Iterator[str]:
         stats.empty_documents += 1
 
 
-def _read_jsonl(f: IO[bytes], path: Path, text_field: str, stats: ReadStats) -> Iterator[str]:
-    """One document per JSON line; lines that are not valid UTF-8 are skipped and counted."""
-    skipped = 0
+def _read_jsonl(f: IO[bytes], path: Path, text_field: str, stats: ReadStats, allow_bad_text: bool = False,
+                at: _Position | None = None) -> Iterator[str]:
+    """One document per JSON line. Lines that are not valid UTF-8 are skipped and counted; more than
+    ``MAX_BAD_TEXT_FRACTION`` of them is an error unless ``allow_bad_text``."""
+    at = at or _Position()
+    skipped = lines = 0
     for lineno, raw in enumerate(f, 1):
+        at.line = lineno
         if not raw.strip():
             continue
+        lines += 1
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:
@@ -215,26 +259,30 @@ def _read_jsonl(f: IO[bytes], path: Path, text_field: str, stats: ReadStats) -> 
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}, line {lineno}: invalid JSON ({exc.msg})") from None
-        text = _record_text(record, text_field, f"{path}, line {lineno}")
+            raise DataFileError(f"{path}, line {at.line}: invalid JSON ({exc.msg})") from None
+        text = _record_text(record, text_field, f"{path}, line {at.line}")
         if text:
             yield text
         else:
             stats.empty_documents += 1
     if skipped:
         stats.skipped_lines += skipped
-        logger.warning("%s: skipped %d lines that are not valid UTF-8", path, skipped)
+        problem = f"{path}: {skipped} of {lines} lines are not valid UTF-8"
+        if skipped / lines > MAX_BAD_TEXT_FRACTION and not allow_bad_text:
+            raise DataFileError(f"{problem}; convert the file to UTF-8 or pass --allow-bad-text to skip them")
+        logger.warning("%s (skipped)", problem)
 
 
 def _record_text(record: Any, text_field: str, where: str) -> str | None:
     """The text of one record (``None`` for a null value); errors name the field, ``where`` and the keys found."""
     if not isinstance(record, dict):
-        raise TypeError(f"{where}: expected a JSON object with a {text_field!r} field, got {type(record).__name__}")
+        raise DataFileError(f"{where}: expected a JSON object with a {text_field!r} field, got "
+                            f"{type(record).__name__}")
     if text_field not in record:
-        raise ValueError(f"{where}: record has no text field {text_field!r} (keys found: {sorted(record)})")
+        raise DataFileError(f"{where}: record has no text field {text_field!r} (keys found: {sorted(record)})")
     text = record[text_field]
     if text is not None and not isinstance(text, str):
-        raise ValueError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+        raise DataFileError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
     return text
 
 
@@ -255,7 +303,7 @@ def _read_parquet(path: Path, text_field: str, stats: ReadStats) -> Iterator[str
                 else:
                     stats.empty_documents += 1
     except pa.ArrowException as exc:  # corrupt file, wrong column type, ...
-        raise OSError(f"cannot read parquet file {path}: {exc}") from exc
+        raise DataFileError(f"cannot read parquet file {path}: {exc}") from exc
 
 
 def _read_hf(spec: HFSource, text_field: str, stats: ReadStats) -> Iterator[str]:
@@ -278,14 +326,15 @@ def _read_hf(spec: HFSource, text_field: str, stats: ReadStats) -> Iterator[str]
             stats.empty_documents += 1
 
 
-def read_sources(sources: list[str], text_field: str, max_documents: int | None, stats: ReadStats) -> Iterator[str]:
+def read_sources(sources: list[str], text_field: str, max_documents: int | None, stats: ReadStats,
+                 allow_bad_text: bool = False) -> Iterator[str]:
     """Documents of all sources in order, ``max_documents`` in total."""
     remaining = max_documents
     for source in sources:
         if remaining is not None and remaining <= 0:
             return
         before = stats.documents
-        yield from read_documents(source, text_field, remaining, stats)
+        yield from read_documents(source, text_field, remaining, stats, allow_bad_text)
         if remaining is not None:
             remaining -= stats.documents - before
 

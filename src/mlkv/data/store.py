@@ -2,8 +2,10 @@
 validation splits of it.
 
 ``build_token_store`` tokenizes sources in batches and writes the cache once, keyed by a hash of everything that
-changes the tokens; a second call loads the cache without tokenizing. Token-count invariant: a store holds exactly
-``sum(len(doc_tokens) + 1)`` tokens (the ``+ 1`` is the EOS after each document). The only exception is
+changes the tokens; a second call loads the cache without tokenizing. One process builds a cache folder at a time
+(a second one waits for it, then loads the cache), and a killed build's temporary files are removed by the next.
+
+Token-count invariant: a store holds exactly ``sum(len(doc_tokens) + 1)`` tokens (the ``+ 1`` is the EOS after each document). The only exception is
 ``max_tokens``: the stream is then cut at exactly ``max_tokens`` tokens, so the last document may be truncated (and
 lose its EOS); ``meta["truncated_tokens"]`` says how many of its tokens were cut.
 
@@ -12,6 +14,8 @@ lose its EOS); ``meta["truncated_tokens"]`` says how many of its tokens were cut
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -205,12 +209,14 @@ def build_token_store(
     max_tokens: int | None = None,
     eos_id: int | None = None,
     progress: bool = True,
+    allow_bad_text: bool = False,
 ) -> TokenStore:
     """Tokenize ``sources`` (in order) into a cached, memory-mapped token store; reuse the cache when it exists.
 
     The cache folder is ``cache_dir/tokens-<key>``, where ``key`` hashes the tokenizer file content, each source's
     files (path, size, mtime) or dataset name/config/split, ``text_field``, ``eos_id``, the limits and
     ``FORMAT_VERSION``. ``max_documents``/``max_tokens`` limit the whole run (all sources together).
+    ``allow_bad_text``: clean mostly undecodable files instead of refusing them (``mlkv.data.sources``).
     """
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     if not sources:
@@ -221,7 +227,6 @@ def build_token_store(
             raise ValueError(f"{name} must be >= 1 or None, got {limit}")
     tokenizer = load_tokenizer(tokenizer_path)
     eos_id = resolve_eos_id(tokenizer, tokenizer_path) if eos_id is None else int(eos_id)
-    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     key_payload = {
         "format_version": FORMAT_VERSION,
         "tokenizer_sha256": fingerprint(tokenizer_path),
@@ -233,20 +238,52 @@ def build_token_store(
     }
     paths = _CachePaths(Path(cache_dir).expanduser() / f"tokens-{_cache_key(key_payload)}")
     cached = _load_cached(paths)
-    if cached is not None:
-        logger.info("loaded %d cached tokens from %s", cached.num_tokens, paths.folder)
-        return cached
+    if cached is None:
+        with _build_lock(paths.folder):
+            cached = _load_cached(paths)  # another process may have built it while this one waited
+            if cached is None:
+                return _build(paths, key_payload, tokenizer, str(tokenizer_path), sources, max_documents, progress,
+                              allow_bad_text)
+    logger.info("loaded %d cached tokens from %s", cached.num_tokens, paths.folder)
+    return cached
 
+
+@contextlib.contextmanager
+def _build_lock(folder: Path) -> Iterator[None]:
+    """Build a cache folder one process at a time: an exclusive ``flock`` on ``.<folder>.lock`` beside it (the
+    kernel releases it when the holder dies) that a second builder waits for. Temporary files a killed builder left
+    in the folder are removed first."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("waiting for another process that is tokenizing into %s", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        for stale in sorted(folder.glob(".*.tmp-*")):
+            stale.unlink(missing_ok=True)
+            logger.warning("removed %s, left by an interrupted earlier tokenization", stale)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _build(paths: _CachePaths, key_payload: dict[str, Any], tokenizer: Tokenizer, tokenizer_path: str,
+           sources: list[str], max_documents: int | None, progress: bool, allow_bad_text: bool) -> TokenStore:
+    """Tokenize ``sources`` into the cache folder ``paths`` (its key's settings in ``key_payload``) and load it."""
+    max_tokens, eos_id, text_field = key_payload["max_tokens"], key_payload["eos_id"], key_payload["text_field"]
+    vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
     started = time.perf_counter()
     stats = ReadStats()
     writer = _TokenWriter(tokenizer, eos_id, token_dtype(max(vocab_size, eos_id + 1)), max_tokens)
-    _write_tokens(paths, writer, sources, text_field, max_documents, stats, progress)
+    _write_tokens(paths, writer, sources, text_field, max_documents, stats, progress, allow_bad_text)
     doc_offsets = writer.doc_offsets()  # (D+1,)
     meta = {
         **key_payload,
         "key": paths.folder.name,
         "source_names": sources,
-        "tokenizer_path": str(tokenizer_path),
+        "tokenizer_path": tokenizer_path,
         "vocab_size": vocab_size,
         "dtype": writer.dtype.name,
         "num_tokens": int(doc_offsets[-1]),
@@ -265,10 +302,10 @@ def build_token_store(
 
 
 def _write_tokens(paths: _CachePaths, writer: _TokenWriter, sources: list[str], text_field: str,
-                  max_documents: int | None, stats: ReadStats, progress: bool) -> None:
+                  max_documents: int | None, stats: ReadStats, progress: bool, allow_bad_text: bool) -> None:
     """Tokenize the sources into ``paths.tokens`` through ``atomic_write``: a failure (no documents included) leaves
     no partial file, nor an empty cache folder."""
-    documents = read_sources(sources, text_field, max_documents, stats)
+    documents = read_sources(sources, text_field, max_documents, stats, allow_bad_text)
 
     def write(f: IO[bytes]) -> None:
         writer.write(f, documents, max_documents, progress)

@@ -50,7 +50,12 @@ def read_hf_config(src: str | Path) -> dict:
     path = Path(src) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{path} not found: SRC_DIR must be a Hugging Face checkpoint directory")
-    config = json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"{path}: cannot be read ({exc}); download or copy the checkpoint again") from exc
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: not a model config (a JSON {type(config).__name__}, not an object)")
     archs = config.get("architectures") or []
     if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(
@@ -82,9 +87,19 @@ def read_hf_state(src: str | Path) -> dict[str, torch.Tensor]:
             continue
         state = {}
         for f in files:
-            state.update(loader(src / f))
+            state.update(_read_weights(src / f, loader))
         return state
     raise ConversionError(f"no model.safetensors(.index.json) or pytorch_model.bin(.index.json) found in {src}")
+
+
+def _read_weights(path: Path, loader) -> dict[str, torch.Tensor]:
+    """One weights file through ``loader``; a missing, truncated or corrupt one is a ``ConversionError`` naming it."""
+    try:
+        return loader(path)
+    except Exception as exc:  # noqa: BLE001  (SafetensorError, zip/pickle errors, I/O: the file is unusable)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConversionError(f"{path}: cannot be read ({reason}); the file is missing, truncated or corrupt: "
+                              "download or copy the checkpoint again") from exc
 
 
 def mlkv_config_from_hf(hf: dict) -> MLKVConfig:
@@ -317,15 +332,16 @@ def build_model(state: dict[str, torch.Tensor], config: MLKVConfig, dtype: torch
 
 @contextmanager
 def hf_source(src: str | Path, near: Path):
-    """``src`` as a Hugging Face folder: a ``.gguf`` (or ``smollm2``) is dequantized into a temporary folder beside
-    ``near`` for the duration of the block."""
+    """``src`` as a Hugging Face folder: a ``.gguf`` (or ``smollm2``) is dequantized into a temporary folder in
+    ``near`` for the duration of the block (``convert_checkpoint`` gives its own temporary output folder, so that a
+    killed conversion's dequantized copy goes with it)."""
     from mlkv.model.gguf import is_gguf, materialize
 
     if not is_gguf(src):
         yield Path(src)
         return
     near.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{near.name}.gguf-", dir=near) as tmp:
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=near) as tmp:
         yield materialize(src, Path(tmp) / "hf")
 
 
@@ -334,16 +350,18 @@ def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init
                        calibration: torch.Tensor | None = None) -> Path:
     """Convert ``src`` to an mlkv checkpoint in ``dst``, with the source's tokenizer and generation files.
 
-    Written through ``mlkv.checkpoints.atomic_dir``: a temporary folder renamed to ``dst`` when complete; with
-    ``overwrite`` an existing ``dst`` is set aside and deleted only once the new one is in place."""
+    The whole conversion runs inside ``mlkv.checkpoints.atomic_dir``: it holds ``dst``'s lock (a second writer
+    gets a ``FolderInUseError`` at once), removes what a killed conversion left, and writes a temporary folder
+    (holding a dequantized GGUF source too) renamed to ``dst`` when complete; with ``overwrite`` an existing ``dst``
+    is set aside and deleted only once the new one is in place."""
     dst = Path(dst)
     if dst.exists() and not overwrite:  # before the conversion's work, not after it
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
-    with hf_source(src, dst.parent) as folder:
-        state, config = convert_state(folder, plan, init, keep_params, seed, calibration)
-        companions = {name: (folder / name).read_bytes() for name in COMPANION_FILES if (folder / name).is_file()}
-    model = build_model(state, config)
     with atomic_dir(dst, overwrite=overwrite, command="mlkv convert") as tmp:
+        with hf_source(src, tmp) as folder:
+            state, config = convert_state(folder, plan, init, keep_params, seed, calibration)
+            companions = {name: (folder / name).read_bytes() for name in COMPANION_FILES if (folder / name).is_file()}
+        model = build_model(state, config)
         model.save_pretrained(tmp)
         for name, content in companions.items():
             (tmp / name).write_bytes(content)

@@ -1,8 +1,9 @@
 """Training MLKV models: pretraining, uptraining and distillation (``mlkv train``).
 
 ``config`` (the settings and their checks), ``loss`` (the objectives), ``models`` (student, teacher, tokenizer),
-``runtime`` (processes, wrapping, optimizer, precision, signals), ``checkpoint``, ``metrics``, ``loop`` (``train``)
-and ``command`` (the CLI). The public names below are imported on first use.
+``runtime`` (processes, wrapping, optimizer, precision, signals), ``outdir`` (the output folder: what it may hold,
+the final model's atomic save), ``checkpoint`` (with checksums and a fallback), ``resume`` (the settings a resumed
+run must keep), ``metrics``, ``loop`` (``train``) and ``command`` (the CLI). The public names below are imported on first use.
 """
 
 from __future__ import annotations

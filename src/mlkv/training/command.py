@@ -7,6 +7,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 
 from mlkv.settings import add_arguments, from_args
@@ -23,7 +24,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 def run_train_command(args: argparse.Namespace) -> int:
     """Train a model (pretraining from a config/preset, uptraining or distillation from a checkpoint).
 
-    The ``mlkv train`` command: prints a JSON summary on rank 0 and returns the exit status."""
+    The ``mlkv train`` command: prints a JSON summary on rank 0 and returns the exit status: 0 when the run
+    completed (or stopped at --stop-after-steps), 128 + the signal's number when SIGTERM/SIGINT stopped it early
+    (with a checkpoint to --resume; "interrupted" in the summary), so that ``mlkv train ... && mlkv eval ...`` does
+    not evaluate an unfinished model."""
     from mlkv.training.loop import NonFiniteLossError, train
 
     if not logging.getLogger().handlers:
@@ -36,6 +40,8 @@ def run_train_command(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         brief = {k: v for k, v in summary.items() if k not in ("losses", "step_seconds", "data")}
         print(json.dumps(brief))
+    if "stop_signal" in summary:  # a signal stopped it (on several ranks, one that did not receive it has None)
+        return 128 + (summary["stop_signal"] or signal.SIGTERM)
     return 0
 
 

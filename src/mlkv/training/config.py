@@ -60,6 +60,9 @@ class TrainConfig:
     """read at most this many documents"""
     max_data_tokens: int | str | None = setting(None, group=DATA)
     """tokenize at most this many tokens (e.g. 50M)"""
+    allow_bad_text: bool = setting(False, group=DATA)
+    """train on what decodes of a .txt/.jsonl file of which more than 1 in 100 characters (lines) are undecodable
+    or binary (default: such a file is an error naming it)"""
 
     # ---- budget and batch
     seq_len: int = setting(2048, group=BUDGET)
@@ -136,7 +139,10 @@ class TrainConfig:
     save_every: int = setting(1000, group=LOGGING)
     """write a checkpoint every this many steps (0 = only at the end / on a signal)"""
     resume: bool = setting(False, group=LOGGING)
-    """continue from OUT/checkpoint"""
+    """continue from OUT/checkpoint (the newest intact one; every setting that defines the run must be the same)"""
+    overwrite: bool = setting(False, group=LOGGING)
+    """write the run into an OUT that holds another model, other files or an earlier run's checkpoint: the
+    earlier checkpoint and metrics are removed at the start, an earlier model is replaced when this run's is saved"""
     progress: bool = setting(True, group=LOGGING)
     """show a progress bar (rank 0; --no-progress: none)"""
     tensorboard: bool | None = setting(None, group=LOGGING)

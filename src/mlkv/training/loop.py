@@ -21,8 +21,9 @@ A NaN/inf loss or gradient norm stops the run with ``NonFiniteLossError`` naming
 stays. (Each step's loss is read on the host one step late, while the next step runs, so the GPU never waits for the
 host; the read happens at once before any evaluation or checkpoint.)
 
-``train`` runs these steps in order: find the checkpoint to resume, load the models, load the data, build the loss
-model, optimizer and schedule, restore or seed, then the optimizer steps (``_train_step``, read back by
+``train`` holds the output folder's lock (``mlkv.checkpoints.folder_lock``) throughout and runs these steps in order:
+find the checkpoint to resume (checking the folder and the run's settings), load the models, load the data, build
+the loss model, optimizer and schedule, restore or seed, then the optimizer steps (``_train_step``, read back by
 ``_read_step``, with ``_evaluate`` and ``_save`` between them), and finish (the final model and the summary).
 """
 
@@ -33,6 +34,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,14 +45,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mlkv.checkpoints import companion_files
-from mlkv.training.checkpoint import (check_resumed_objective, find_checkpoint, full_model_state, load_checkpoint,
-                                      read_state, save_checkpoint, save_model)
+from mlkv.checkpoints import companion_files, folder_lock
+from mlkv.training.checkpoint import (CHECKPOINT, STATE_FILE, full_model_state, load_checkpoint, read_state,
+                                      save_checkpoint, save_model, select_checkpoint)
 from mlkv.training.config import DEFAULT_CHUNK_TOKENS, TrainConfig, TrainHooks, check_config, parse_tokens
 from mlkv.training.loss import LossModel
 from mlkv.training.metrics import Metrics, Progress, StepValues, model_flops_per_token, peak_flops
-from mlkv.training.models import (check_teacher_shape, check_vocab, load_student, load_teacher, load_trained,
-                                  resolve_tokenizer)
+from mlkv.training.models import (check_seq_len, check_teacher_shape, check_vocab, load_student, load_teacher,
+                                  load_trained, resolve_tokenizer)
+from mlkv.training.outdir import prepare_out_folder, save_final_model
+from mlkv.training.resume import check_run_settings, run_settings
 from mlkv.training.runtime import (Dist, StopRequest, WarmupCosine, autocast_context, autocast_dtype, gradient_sync,
                                    make_optimizer, seed_all, setup_distributed, stop_on_signals, wrap_model)
 
@@ -76,6 +80,7 @@ class _Run:
     hooks: TrainHooks
     started: float = field(default_factory=time.perf_counter)
     resume_from: Path | None = None  # the checkpoint being resumed
+    settings: dict = field(default_factory=dict)  # those that define the run (mlkv.training.resume), recorded
     # models
     origin: str = ""  # "checkpoint" (uptraining), "random" (pretraining) or "resumed"
     tokenizer: str | None = None
@@ -129,6 +134,7 @@ class _Pending:
     lr: float
     tokens: int
     event: torch.cuda.Event | None  # recorded after the step's GPU work (CUDA)
+    done_at: float  # perf_counter when the host finished the step (its end on CPU, where the work is synchronous)
 
 
 def train(cfg: TrainConfig, *, datasets: tuple | None = None, hooks: TrainHooks | None = None) -> dict:
@@ -140,18 +146,20 @@ def train(cfg: TrainConfig, *, datasets: tuple | None = None, hooks: TrainHooks 
     check_config(cfg, datasets is not None)
     ctx, device = setup_distributed(cfg)
     try:
-        run = _Run(cfg, ctx, device, hooks or TrainHooks())
-        _find_resume(run)
-        _load_models(run)
-        _load_data(run, datasets)
-        _build(run)
-        _restore_or_seed(run)
-        progress = _start_progress(run)
-        try:
-            _run_steps(run, progress)
-        finally:
-            progress.close()
-        return _finish(run, progress)
+        # The output folder is this run's until it returns: a second writer gets a FolderInUseError naming it.
+        with folder_lock(cfg.out, "mlkv train") if ctx.main else contextlib.nullcontext():
+            run = _Run(cfg, ctx, device, hooks or TrainHooks())
+            _find_resume(run)
+            _load_models(run)
+            _load_data(run, datasets)
+            _build(run)
+            _restore_or_seed(run)
+            progress = _start_progress(run)
+            try:
+                _run_steps(run, progress)
+            finally:
+                progress.close()
+            return _finish(run, progress)
     finally:
         if ctx.created_group:
             dist.destroy_process_group()
@@ -159,17 +167,19 @@ def train(cfg: TrainConfig, *, datasets: tuple | None = None, hooks: TrainHooks 
 
 # ---- setting up -----------------------------------------------------------------------------------------------------
 def _find_resume(run: _Run) -> None:
-    """The checkpoint to resume under ``--resume``; without it, an existing one is an error."""
-    cfg, out = run.cfg, run.out
-    found = find_checkpoint(out)
-    if not cfg.resume and found is not None:
-        raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it or choose another "
-                              "--out")
-    if cfg.resume and found is None and run.ctx.main:
-        logger.warning("--resume: no checkpoint in %s, starting from the beginning", out)
-    if cfg.resume and found is not None:
-        check_resumed_objective(read_state(found).get("config", {}), cfg, out)
-        run.resume_from = found
+    """The checkpoint to resume under ``--resume`` (the newest intact one, its settings those of ``cfg``), and the
+    output folder checked for what it may hold (``outdir.prepare_out_folder``)."""
+    cfg, out, ctx = run.cfg, run.out, run.ctx
+    run.settings = run_settings(cfg)
+    if ctx.main:
+        found = select_checkpoint(out) if cfg.resume else None
+        prepare_out_folder(out, resuming=found is not None, overwrite=cfg.overwrite)
+        if cfg.resume and found is None:
+            logger.warning("--resume: no checkpoint in %s, starting from the beginning", out)
+    ctx.barrier()  # rank 0 made the intact checkpoint out/checkpoint
+    if cfg.resume and (out / CHECKPOINT / STATE_FILE).is_file():
+        run.resume_from = out / CHECKPOINT
+        check_run_settings(read_state(run.resume_from), run.settings, out)
 
 
 def _load_models(run: _Run) -> None:
@@ -177,8 +187,11 @@ def _load_models(run: _Run) -> None:
     cfg = run.cfg
     run.tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model)
     run.companions = companion_files(run.tokenizer)
+    check_seq_len(cfg.seq_len, str(run.resume_from or cfg.model))
     if run.resume_from is not None:
-        run.model, run.origin = load_trained(run.resume_from), "resumed"
+        run.model = load_trained(run.resume_from, "the checkpoint",
+                                 fix="restore it, or start the run again with --overwrite")
+        run.origin = "resumed"
     else:
         run.model, run.origin = load_student(cfg.model, cfg.plan, cfg.seed)
     if cfg.objective == "distill":
@@ -204,7 +217,8 @@ def _load_data(run: _Run, datasets: tuple | None) -> None:
         kwargs = dict(train_sources=cfg.data, tokenizer_path=run.tokenizer, cache_dir=cache_dir, seq_len=cfg.seq_len,
                       val_sources=cfg.val_data or None, val_fraction=cfg.val_fraction, seed=cfg.seed,
                       text_field=cfg.text_field, max_documents=cfg.max_documents,
-                      max_tokens=parse_tokens(cfg.max_data_tokens), progress=cfg.progress and ctx.main)
+                      max_tokens=parse_tokens(cfg.max_data_tokens), progress=cfg.progress and ctx.main,
+                      allow_bad_text=cfg.allow_bad_text)
         if ctx.world > 1 and not ctx.main:
             ctx.barrier()  # rank 0 tokenizes and fills the cache first
         run.train_ds, run.val_ds, run.data_stats = prepare_data(**kwargs)
@@ -237,12 +251,13 @@ def _build(run: _Run) -> None:
 def _restore_or_seed(run: _Run) -> None:
     """Optimizer, schedule, RNG and data position from the checkpoint being resumed; else seed the generators."""
     cfg, ctx = run.cfg, run.ctx
+    derived = {"total_steps": run.total_steps, "data_fingerprint": run.train_ds.fingerprint()}
+    run.settings.update(derived)
     if run.resume_from is not None:
+        check_run_settings(read_state(run.resume_from), derived, run.out)
         state = load_checkpoint(run.resume_from, loss_model=run.loss_model, optimizer=run.optimizer,
                                 scheduler=run.scheduler, rank=ctx.rank, device=run.device)
         run.start_step, run.samples_seen, run.tokens_seen = state["step"], state["samples_seen"], state["tokens_seen"]
-        if state["total_steps"] != run.total_steps:
-            logger.warning("resuming a run of %d steps as one of %d steps", state["total_steps"], run.total_steps)
         run.last_checkpoint = (run.start_step, run.resume_from)
     else:
         seed_all(cfg.seed * 1000 + ctx.rank)  # dropout streams differ between ranks
@@ -338,9 +353,10 @@ def _train_step(run: _Run, batch: torch.Tensor) -> _Pending:
     run.step += 1
     run.samples_seen += run.per_rank * ctx.world
     run.tokens_seen += run.tokens_per_step
+    done_at = time.perf_counter()
     if run.hooks.after_step:
         run.hooks.after_step(run.step, run.model)
-    return _Pending(run.step, packed, lr, run.tokens_seen, event)
+    return _Pending(run.step, packed, lr, run.tokens_seen, event, done_at)
 
 
 def _read_step(run: _Run, progress: Progress, pending: _Pending) -> bool:
@@ -355,7 +371,8 @@ def _read_step(run: _Run, progress: Progress, pending: _Pending) -> bool:
                  if run.last_checkpoint else "no checkpoint was written")
         raise NonFiniteLossError(f"non-finite loss {loss} (gradient norm {norm}) at step {pending.step}; "
                                  f"training stopped; {where}")
-    progress.step(StepValues(pending.step, loss, lm, kl, hidden, norm, pending.lr, pending.tokens), pending.event)
+    progress.step(StepValues(pending.step, loss, lm, kl, hidden, norm, pending.lr, pending.tokens), pending.event,
+                  pending.done_at)
     return bool(stop)
 
 
@@ -389,7 +406,8 @@ def _evaluate(run: _Run) -> dict:
 def _save(run: _Run) -> None:
     """A checkpoint of the current step (every rank takes part)."""
     state = {"step": run.step, "samples_seen": run.samples_seen, "tokens_seen": run.tokens_seen,
-             "total_steps": run.total_steps, "world_size": run.ctx.world, "config": dataclasses.asdict(run.cfg)}
+             "total_steps": run.total_steps, "world_size": run.ctx.world, "config": dataclasses.asdict(run.cfg),
+             "run": run.settings}
     folder = save_checkpoint(run.out, state, loss_model=run.loss_model, optimizer=run.optimizer,
                              scheduler=run.scheduler, ctx=run.ctx, device=run.device, fsdp=run.fsdp,
                              companions=run.companions)
@@ -398,7 +416,8 @@ def _save(run: _Run) -> None:
 
 # ---- the end --------------------------------------------------------------------------------------------------------
 def _finish(run: _Run, progress: Progress) -> dict:
-    """The final model in ``--out`` if the run completed; the summary."""
+    """The final model in ``--out`` if the run completed (``outdir.save_final_model``: a kill leaves no model or a
+    whole one), the checkpoint before the last removed; the summary."""
     ctx = run.ctx
     if run.step < run.total_steps:
         if ctx.main:
@@ -406,7 +425,8 @@ def _finish(run: _Run, progress: Progress) -> dict:
     else:
         model_state = full_model_state(run.loss_model, run.fsdp)
         if ctx.main:
-            save_model(run.model, run.out, model_state, run.companions)
+            save_final_model(run.out, lambda folder: save_model(run.model, folder, model_state, run.companions))
+            shutil.rmtree(run.out / (CHECKPOINT + ".old"), ignore_errors=True)
         ctx.barrier()
     summary = {"out": str(run.out), "origin": run.origin, "start_step": run.start_step,
                "total_steps": run.total_steps, "tokens_per_step": run.tokens_per_step,

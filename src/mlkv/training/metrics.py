@@ -1,6 +1,8 @@
 """What a run reports: ``metrics.jsonl`` (+ TensorBoard), the progress bar, throughput and MFU.
 
-Throughput: tokens/s count every token of each optimizer step over its wall time. MFU uses the PaLM-style model
+Throughput: tokens/s count every token of each optimizer step over its wall time, over the steady steps (the first
+``WARMUP_STEPS``, compilation and warm-up, left out); the progress bar shows the same figure as the run's summary,
+updated at every step. MFU uses the PaLM-style model
 FLOPs per token, ``6 * N + 12 * L * d_attn * T``: ``N`` = parameters that take part in matrix products (all
 parameters but the input embedding, which is a lookup; the output projection is counted, a fifth of the work at
 the Pythia-160M shape), ``L`` layers, ``d_attn = heads * head_dim``, ``T`` the sequence length (attention scores
@@ -28,6 +30,8 @@ __all__ = ["METRICS_FILE", "PEAK_BF16_FLOPS", "model_flops_per_token", "peak_flo
            "Progress"]
 
 METRICS_FILE = "metrics.jsonl"
+#: Steps left out of the throughput (compilation, allocator and cache warm-up), when there are more.
+WARMUP_STEPS = 3
 #: Dense bf16 tensor-core peaks (FLOP/s) by device-name substring, first match wins; ``--peak-tflops`` overrides.
 PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("B200", 2250e12),
                    ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("4090", 165e12))
@@ -116,9 +120,9 @@ class Progress:
     """The per-step record of a run: its losses and step times (for the summary), a metrics.jsonl record every
     ``log_every`` steps with the means since the last one, the progress bar, and the evaluations.
 
-    Step time: on CUDA, between the GPU completions of consecutive steps (an event recorded after each step), so that
-    reading a step late, or two at once before an evaluation or the end, does not skew it; elsewhere, wall time
-    between reads (the CPU runs synchronously).
+    Step time: between the completions of consecutive steps, so that reading a step late, or two at once before an
+    evaluation or the end, does not skew it: on CUDA the GPU's (an event recorded after each step), elsewhere the
+    host's (``done_at``, taken when the step returned; the CPU runs synchronously).
     """
 
     def __init__(self, metrics: Metrics, *, tokens_per_step: int, flops_per_token: float, peak: float | None,
@@ -133,7 +137,8 @@ class Progress:
         self.losses: list[float] = []
         self.step_seconds: list[float] = []
         self._interval = self._empty_interval()
-        self._last_time, self._last_event, self._rate_ema = time.perf_counter(), None, None
+        self._last_time, self._last_event = time.perf_counter(), None
+        self._steady_seconds = 0.0  # sum of step_seconds[WARMUP_STEPS:]
         self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
                         disable=not (progress and main))
 
@@ -144,30 +149,32 @@ class Progress:
     def _mfu(self, tokens_per_s: float) -> float | None:
         return self.flops_per_token * tokens_per_s / self.peak if self.peak else None
 
-    def _seconds(self, event: torch.cuda.Event | None) -> float:
-        """This step's time: GPU time since the previous step's event, else wall time since the previous read."""
-        now = time.perf_counter()
+    def _seconds(self, event: torch.cuda.Event | None, done_at: float) -> float:
+        """This step's time: GPU time since the previous step's event, else host time since the previous step
+        finished (since the bar started, for the first)."""
         if event is not None and self._last_event is not None:
             event.synchronize()
             seconds = self._last_event.elapsed_time(event) / 1000.0
         else:
-            seconds = now - self._last_time
-        self._last_time, self._last_event = now, event
+            seconds = done_at - self._last_time
+        self._last_time, self._last_event = done_at, event
         return seconds
 
-    def step(self, values: StepValues, event: torch.cuda.Event | None) -> None:
-        """Record a step that finished (``event``: recorded after its GPU work, on CUDA)."""
-        seconds = self._seconds(event)
+    def step(self, values: StepValues, event: torch.cuda.Event | None, done_at: float) -> None:
+        """Record a step that finished (``event``: recorded after its GPU work, on CUDA; ``done_at``: the
+        ``time.perf_counter()`` at which the host finished it)."""
+        seconds = self._seconds(event, done_at)
         self.losses.append(values.loss)
         self.step_seconds.append(seconds)
+        if len(self.step_seconds) > WARMUP_STEPS:
+            self._steady_seconds += seconds
         for key, value in (("loss", values.loss), ("lm", values.lm), ("kl", values.kl), ("hidden", values.hidden),
                            ("steps", 1), ("seconds", seconds)):
             self._interval[key] += value
-        rate = self.tokens_per_step / seconds
-        self._rate_ema = rate if self._rate_ema is None else 0.9 * self._rate_ema + 0.1 * rate
-        postfix = {"loss": f"{values.loss:.4f}", "tok/s": f"{self._rate_ema:,.0f}"}
+        rate = self.throughput()["tokens_per_s"]
+        postfix = {"loss": f"{values.loss:.4f}", "tok/s": f"{rate:,.0f}"}
         if self.peak:
-            postfix["mfu"] = f"{self._mfu(self._rate_ema):.1%}"
+            postfix["mfu"] = f"{self._mfu(rate):.1%}"
         self.bar.set_postfix(postfix, refresh=False)
         self.bar.update(1)
         if values.step % self.log_every == 0 or values.step == self.end_step:
@@ -194,11 +201,13 @@ class Progress:
                 f"step {step}: val loss {result['val_loss']:.4f}, ppl {result['val_ppl']:.2f}")
 
     def throughput(self) -> dict:
-        """Tokens/s and MFU over the steady steps (the first three, compilation and warm-up, left out)."""
-        steady = self.step_seconds[min(len(self.step_seconds) - 1, 3):] if self.step_seconds else []
-        if not steady:
+        """Tokens/s and MFU over the steady steps so far: those after the first ``WARMUP_STEPS`` (compilation and
+        warm-up), or the last step while there are no more. The progress bar shows this figure at every step."""
+        n = len(self.step_seconds)
+        if n == 0:
             return {}
-        tokens_per_s = self.tokens_per_step * len(steady) / sum(steady)
+        steps, seconds = (n - WARMUP_STEPS, self._steady_seconds) if n > WARMUP_STEPS else (1, self.step_seconds[-1])
+        tokens_per_s = self.tokens_per_step * steps / seconds if seconds > 0 else float("inf")
         return {"tokens_per_s": tokens_per_s, "mfu": self._mfu(tokens_per_s)}
 
     def close(self) -> None:

@@ -15,32 +15,97 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mlkv import PRESETS, MLKVConfig, preset_config
-from mlkv.checkpoints import has_weights, load_model, require_checkpoint
+from mlkv.checkpoints import TOKENIZER_FILES, has_weights, load_model, require_checkpoint
+from mlkv.errors import UsageError
 
-__all__ = ["load_student", "load_teacher", "load_trained", "resolve_tokenizer", "check_vocab", "check_teacher_shape"]
+__all__ = ["load_student", "load_teacher", "load_trained", "model_config", "check_seq_len", "resolve_tokenizer",
+           "check_vocab", "check_teacher_shape"]
 
 
-def load_trained(folder: str | Path) -> nn.Module:
+#: Files that a saved model (or a run's output folder) holds beside config.json and a bare config does not.
+SAVED_WITH_WEIGHTS = TOKENIZER_FILES + ("generation_config.json", "mlkv_conversion.json", "metrics.jsonl",
+                                        "checkpoint")
+
+
+class UnreadableModelError(UsageError):
+    """A model folder whose config or weights cannot be read; the message names the files."""
+
+
+#: What to do about a model folder that cannot be read.
+REWRITE = "write it again with the command that made it"
+
+
+def _unreadable(what: str, folder: Path, exc: Exception, fix: str) -> UnreadableModelError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if type(exc).__name__ == "SafetensorError":
+        files = ", ".join(sorted(p.name for p in folder.glob("*.safetensors")))
+        return UnreadableModelError(f"{what} {folder}: its weights ({files}) cannot be read ({reason}): a file is "
+                                    f"truncated or corrupt; {fix}")
+    return UnreadableModelError(f"{what} {folder}: cannot be loaded ({type(exc).__name__}: {reason}); check its "
+                                f"config.json and weights, or {fix}")
+
+
+def _load(folder: str | Path, what: str, device: str | torch.device, dtype: torch.dtype,
+          fix: str = REWRITE) -> nn.Module:
+    """A checkpoint's model; a config or weights file that cannot be read is an ``UnreadableModelError`` naming
+    ``what`` and the files, and saying ``fix``."""
+    require_checkpoint(folder, what)
+    try:
+        return load_model(folder, device, dtype, with_tokenizer=False)[0]
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+        raise _unreadable(what, Path(folder), exc, fix) from exc
+    except Exception as exc:
+        if type(exc).__name__ == "SafetensorError":
+            raise _unreadable(what, Path(folder), exc, fix) from exc
+        raise
+
+
+def load_trained(folder: str | Path, what: str = "--model", fix: str = REWRITE) -> nn.Module:
     """A checkpoint's model in float32 on the CPU (the weights training starts from)."""
-    return load_model(folder, "cpu", torch.float32, with_tokenizer=False)[0]
+    return _load(folder, what, "cpu", torch.float32, fix)
+
+
+def model_config(spec: str):
+    """The config of ``--model`` without its weights (a checkpoint or config folder, a config file, a preset), or
+    None when ``spec`` is none of them (``load_student`` then says so)."""
+    path = Path(spec).expanduser()
+    if path.is_file() or (path / "config.json").is_file():
+        try:
+            return AutoConfig.from_pretrained(path)
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise _unreadable("--model", path, exc, REWRITE) from exc
+    return preset_config(spec) if spec in PRESETS else None
+
+
+def check_seq_len(seq_len: int, spec: str) -> None:
+    """``--seq-len`` must fit the model's positions (checked from its config, before anything is loaded)."""
+    config = model_config(spec)
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise UsageError(f"--seq-len {seq_len} is above the model's max_position_embeddings ({limit}, {spec}): "
+                         f"use --seq-len {limit} or less")
 
 
 def load_student(spec: str, plan: str | None = None, seed: int = 0) -> tuple[nn.Module, str]:
-    """The model to train and how it was made: ``"checkpoint"`` (uptraining) or ``"random"`` (pretraining)."""
+    """The model to train and how it was made: ``"checkpoint"`` (uptraining) or ``"random"`` (pretraining).
+
+    A folder with a config.json but no weights is a config to pretrain from only when it holds nothing else of a
+    model: with a tokenizer, generation or run files beside it, it is a checkpoint whose save was interrupted, an
+    error (``mlkv.checkpoints.require_checkpoint``) rather than a random init."""
     path = Path(spec).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"--model {spec}: the directory has no config.json")
+        if any((path / name).exists() for name in SAVED_WITH_WEIGHTS):
+            require_checkpoint(path, "--model")
         if has_weights(path):
             if plan is not None:
                 raise ValueError(f"--plan applies to a random init from a config or preset; {spec} is a trained "
                                  "checkpoint: change its sharing plan with `mlkv convert` first")
             return load_trained(path), "checkpoint"
-        config = AutoConfig.from_pretrained(path)
-    elif path.is_file():
-        config = AutoConfig.from_pretrained(path)
-    elif spec in PRESETS:
-        config = preset_config(spec)
+        config = model_config(spec)
+    elif path.is_file() or spec in PRESETS:
+        config = model_config(spec)
     else:
         raise FileNotFoundError(f"--model {spec!r}: no such checkpoint directory or config file, and not a preset "
                                 f"(presets: {', '.join(sorted(PRESETS))})")
@@ -54,9 +119,7 @@ def load_student(spec: str, plan: str | None = None, seed: int = 0) -> tuple[nn.
 
 def load_teacher(spec: str, dtype: torch.dtype, device: torch.device) -> nn.Module:
     """The distillation teacher on ``device`` in ``dtype``, frozen and in eval mode."""
-    require_checkpoint(spec, "--teacher")
-    teacher = load_model(spec, device, dtype, with_tokenizer=False)[0]
-    return teacher.eval().requires_grad_(False)
+    return _load(spec, "--teacher", device, dtype).eval().requires_grad_(False)
 
 
 def resolve_tokenizer(tokenizer: str | None, model: str) -> str | None:
