@@ -85,17 +85,9 @@ def test_a_folder_runs_every_task_it_defines_and_include_path_makes_its_names_kn
     model, tok = tiny
     folder = tmp_path / "mine"
     folder.mkdir()
-    (folder / "_base.yaml.inc").write_text(textwrap.dedent("""\
-        dataset_path: json
-        test_split: test
-        output_type: multiple_choice
-        doc_to_text: "Q: What is the capital of {{country}}?\\nA:"
-        doc_to_choice: choices
-        doc_to_target: answer
-        metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]
-        """))
-    data = tmp_path / "capitals.jsonl"
-    data.write_text("".join(json.dumps(doc) + "\n" for doc in CAPITALS))
+    per_task = ("task:", "dataset_kwargs:", "  data_files:")  # the documented YAML less these is a shared base
+    (folder / "_base.yaml.inc").write_text("".join(
+        f"{line}\n" for line in _documented_yaml("-").splitlines() if not line.startswith(per_task)))
     for name, docs in (("first_three", CAPITALS[:3]), ("last_two", CAPITALS[3:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(doc) + "\n" for doc in docs))
         (folder / f"{name}.yaml").write_text(f"include: _base.yaml.inc\ntask: {name}\n"
