@@ -68,9 +68,12 @@ def test_missing_data_file_names_file_and_setting(tiny_dir, tmp_path, capsys):
     assert "sciq_test.jsonl" in capsys.readouterr().err
 
 
-def test_usage_errors(capsys):
+def test_usage_errors(capsys, tmp_path):
     assert run_eval_command(_args()) == 2
     assert "give a checkpoint directory" in capsys.readouterr().err
+    if importlib.util.find_spec("lm_eval") is not None:  # checked after the extra, before the model loads
+        assert run_eval_command(_args(tmp_path, "--perplexity", "gutenberg", "--max-tokens", 1)) == 2
+        assert "--max-tokens must be at least 2" in capsys.readouterr().err
 
 
 def test_every_flag_has_help():

@@ -2,15 +2,18 @@
 numbers equal the harness's (CPU, offline, a tiny random model with the real Pythia tokenizer)."""
 
 import math
+import re
 
 import pytest
 import torch
 
+from mlkv.data import read_documents
 from mlkv.data.paths import default_data_dir
 from mlkv.errors import UsageError
 from mlkv.evaluation import perplexity as ppl
 from mlkv.evaluation import tasks
 from mlkv.evaluation.task_configs import converters
+from mlkv.evaluation.token_budget import cut_document
 
 DATA = default_data_dir()
 if not (DATA / "eval").is_dir() or not (DATA / "tokenizers" / "gpt-neox-20b" / "tokenizer.json").is_file():
@@ -95,3 +98,75 @@ def test_stride_longer_than_the_window_is_a_usage_error(tiny):
     model, tok = tiny
     with pytest.raises(UsageError, match="stride"):
         ppl.perplexity(model, tok, TEXT, max_length=8, stride=9)
+
+
+def _count_forward_tokens(model, monkeypatch) -> list[int]:
+    """Every input token the model is given (batch size 1: no padding), appended per forward."""
+    fed = []
+    real = type(model).forward
+    monkeypatch.setattr(type(model), "forward",
+                        lambda self, input_ids=None, **kw: fed.append(input_ids.numel()) or real(self, input_ids, **kw))
+    return fed
+
+
+def test_max_tokens_bounds_both_passes_and_the_reading_of_a_file_of_whole_books(tiny, monkeypatch):
+    """Gutenberg without --limit (whole books, ~5.4M tokens): 600 tokens per pass are read and scored, the book that
+    crosses the budget is cut between words, and words and bytes count what was scored."""
+    model, tok = tiny
+    fed = _count_forward_tokens(model, monkeypatch)
+    path = ppl.resolve_perplexity_path("gutenberg", DATA)
+    result = ppl.perplexity_file(model, tok, path, max_length=128, stride=128, max_tokens=600, progress=False)
+    doc = result["document_level"]
+    assert result["documents"] == 1 and result["token_level"]["text_tokens"] == 600  # one book read, no more
+    assert 0.99 * 600 <= doc["scored_tokens"] <= 600 and doc["last_document_cut"] and doc["documents"] == 1
+    assert sum(fed) <= 2 * 600 + 128  # a document's last rolling window also reads up to max_length of context
+    book = next(iter(read_documents(path)))
+    cut = cut_document(book, lambda text: len(tok.encode(text)), 600)
+    assert book.startswith(cut) and book[len(cut)].isspace() and doc["words"] == len(re.split(r"\s+", cut))
+    assert doc["bytes"] == len(cut.encode("utf-8"))
+    assert doc["loglikelihood"] == pytest.approx(ppl.rolling_loglikelihoods(model, tok, [cut], 128, progress=False)[0],
+                                                 rel=1e-6)
+
+
+def test_max_tokens_on_wikitext_keeps_whole_pages_that_fit_and_counts_the_detokenized_tokens(tiny):
+    model, tok = tiny
+    path = ppl.resolve_perplexity_path("wikitext2", DATA)
+    pages = converters.read_wikitext_pages(path)
+    first = len(tok.encode(ppl.wikitext_detokenize(pages[0])))
+    budget = first + 300
+    doc = ppl.perplexity_file(model, tok, path, max_length=256, max_tokens=budget, progress=False)["document_level"]
+    assert doc["documents"] == 2 and doc["last_document_cut"] and first < doc["scored_tokens"] <= budget
+    assert doc["words"] > len(re.split(r"\s+", pages[0])) and doc["bytes"] < len(pages[0].encode()) + len(pages[1])
+
+
+def test_cut_document_ends_between_words_within_the_budget():
+    words = lambda text: len(text.split())  # noqa: E731 (a count of one token per word)
+    assert cut_document("alpha beta gamma delta", words, 2) == "alpha beta"
+    assert cut_document("alpha beta gamma delta", lambda text: len(text), 13) == "alpha beta"  # gamma split
+    assert cut_document("alpha", words, 0) == ""
+    text = " ".join(f"w{i}" for i in range(10_000))
+    assert words(cut_document(text, words, 777)) == 777
+
+
+def test_the_progress_bar_counts_the_tokens_the_model_reads(tiny, monkeypatch):
+    """Its total is the input tokens of every window and it advances by each batch's, so its ETA follows the work
+    (windows of a document-level pass differ in length)."""
+    model, tok = tiny
+    bars = []
+
+    class Bar:
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.kwargs = total, 0, kwargs
+            bars.append(self)
+
+        def update(self, n):
+            self.n += n
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(ppl, "tqdm", Bar)
+    fed = _count_forward_tokens(model, monkeypatch)
+    docs = [page[:900] for page in converters.read_wikitext_pages(DATA / "eval/wikitext2/wiki.test.raw")[:3]]
+    ppl.rolling_loglikelihoods(model, tok, docs, max_length=64, batch_size=1)
+    assert bars[0].kwargs["unit"] == "tok" and bars[0].total == bars[0].n == sum(fed)

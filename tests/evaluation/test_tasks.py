@@ -124,12 +124,13 @@ def test_run_tasks_limit_20(tiny_dir, tmp_path):
     assert json.loads(path.read_text())["results"]["piqa"]["acc,none"] == results["results"]["piqa"]["acc,none"]
     assert not [p for p in path.parent.iterdir() if p.name != RESULTS_FILE]  # no temp file left
     rows = compare_rows([path.parent, path])
-    assert rows[0]["piqa"] == results["results"]["piqa"]["acc,none"] and rows[0]["kv_bytes_per_token"] == 256
+    assert rows[0]["piqa_acc"] == results["results"]["piqa"]["acc,none"] and rows[0]["kv_bytes_per_token"] == 256
+    assert rows[0]["hellaswag_acc_norm"] == results["results"]["hellaswag"]["acc_norm,none"]
     expected_avg = sum(results["results"][t]["acc,none"] for t in tasks.PAPER_TASKS) / 4
     assert rows[0]["avg_of_4"] == pytest.approx(expected_avg)
     text = compare([path.parent])
-    assert text.splitlines()[0] == ("| config | KV bytes/token | ARC-e | LAMBADA acc (ppl) | PIQA | SciQ | HellaSwag "
-                                    "| avg of 4 |")
+    assert text.splitlines()[0] == ("| config | KV bytes/token | ARC-e acc | LAMBADA acc (ppl) | PIQA acc | SciQ acc "
+                                    "| HellaSwag acc_norm | avg of 4 (acc) |")
     lambada = results["results"]["lambada_openai"]
     assert f"{100 * lambada['acc,none']:.2f} ({lambada['perplexity,none']:.1f})" in text
 

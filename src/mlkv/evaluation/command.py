@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import sys
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,8 @@ from mlkv.errors import UsageError, require_extra
 from mlkv.evaluation.model_info import describe_model, model_device
 from mlkv.evaluation.perplexity import PERPLEXITY_FILES, perplexity_file, resolve_perplexity_path
 from mlkv.evaluation.results import RESULTS_FILE, compare, compare_rows, markdown_table, save_results, summary
-from mlkv.evaluation.tasks import DEFAULT_TASKS, SUPPORTED_TASKS, check_task_files, check_tasks, run_tasks
+from mlkv.evaluation.task_selection import DEFAULT_TASKS, SUPPORTED_TASKS, TaskSelection, select_tasks
+from mlkv.evaluation.tasks import check_task_files, run_tasks
 from mlkv.settings import add_arguments, field_docs, from_args, setting
 
 __all__ = ["EvalSettings", "add_eval_arguments", "evaluate_checkpoint", "run_eval_command"]
@@ -34,14 +36,16 @@ class EvalSettings:
 
     model: str | None = setting(None, cli=False)
     """checkpoint directory (any AutoModelForCausalLM directory)"""
-    tasks: list[str] | None = setting(None, group="what to evaluate")
-    """zero-shot tasks, space or comma separated (default without --perplexity: the paper's four tasks and
-    HellaSwag; the task names are listed below)"""
+    tasks: list[str] | None = setting(None, metavar="TASK", group="what to evaluate")
+    """zero-shot tasks, space or comma separated: names (listed below), or your own task as a task YAML file or a
+    folder of them in lm-eval's format (all its tasks run); default without --perplexity: the paper's four tasks
+    and HellaSwag"""
     perplexity: list[str] = setting(default_factory=list, metavar="FILE", group="what to evaluate")
     """text files to compute perplexity on: paths (.raw WikiText, .txt, .jsonl[.xz]) or a short name of a shared
     file (listed below)"""
     limit: int | None = setting(None, group="what to evaluate")
-    """evaluate only the first N documents of each task / perplexity file"""
+    """evaluate only the first N documents of each task (questions) and of each perplexity file (documents:
+    WikiText-2 articles; gutenberg: whole books, so bound its work with --max-tokens instead)"""
     compare: list[str] | None = setting(None, metavar="RESULTS", group="what to evaluate")
     """print the paper's table across these results files / checkpoint directories (the evaluated checkpoint, if
     any, is added)"""
@@ -62,7 +66,9 @@ class EvalSettings:
     stride: int | None = setting(None, group="scoring")
     """sliding-window stride for token-level perplexity (default: max_length / 2)"""
     max_tokens: int | None = setting(None, group="scoring")
-    """score only the first N tokens of each file in the token-level perplexity"""
+    """token budget per perplexity file: the token-level pass scores its first N tokens and the document-level
+    (word/byte) pass at most N tokens of whole documents, the last one cut at the budget; documents past it are not
+    read"""
     bootstrap_iters: int = setting(1000, group="scoring")
     """bootstrap iterations for the stderr of LAMBADA perplexity"""
     log_samples: bool = setting(False, group="output")
@@ -71,34 +77,61 @@ class EvalSettings:
     """results JSON (default: DIR/eval_results.json; DIR/eval_results_limitN.json with --limit)"""
 
 
+#: ``mlkv eval --help``'s example of a task of your own (the README shows the same).
+CUSTOM_TASK_EXAMPLE = """\
+your own task, on local files: a task YAML in lm-eval's format, or a folder of them. For a file
+/data/capitals.jsonl with lines like {"country": "France", "choices": ["Paris", "Lyon"], "answer": 0},
+capitals.yaml:
+  task: capitals
+  dataset_path: json
+  dataset_kwargs:
+    data_files: {test: /data/capitals.jsonl}
+  test_split: test
+  output_type: multiple_choice
+  doc_to_text: "Q: What is the capital of {{country}}?\\nA:"
+  doc_to_choice: choices
+  doc_to_target: answer
+  metric_list: [{metric: acc, aggregation: mean, higher_is_better: true}]
+then: mlkv eval runs/mlkv6-up --tasks capitals.yaml piqa
+(relative data_files paths start from the working directory; the shipped tasks stay available by name)"""
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``mlkv eval DIR [--perplexity FILE...] [--tasks ...] [--limit N] [--compare ...]``."""
+    """Arguments of ``mlkv eval DIR [--perplexity FILE...] [--tasks ...] [--limit N] [--compare ...]``; the help's
+    epilog (after any the parser has) lists the tasks and shows a task of your own."""
     parser.add_argument("model", nargs="?", help=field_docs(EvalSettings)["model"])
     add_arguments(parser, EvalSettings)
-    parser.epilog = (f"default tasks: {', '.join(DEFAULT_TASKS)}; supported with local data: "
-                     f"{', '.join(SUPPORTED_TASKS)} (any lm-eval task with --data-source hub). Perplexity short "
-                     f"names: {', '.join(PERPLEXITY_FILES)}.")
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter  # the epilog's YAML keeps its lines
+    lists = [f"default tasks: {', '.join(DEFAULT_TASKS)}",
+             f"supported with local data: {', '.join(SUPPORTED_TASKS)} (any lm-eval task with --data-source hub)",
+             f"perplexity short names: {', '.join(PERPLEXITY_FILES)} (gutenberg's documents are whole books: bound "
+             f"the work with --max-tokens, e.g. --perplexity gutenberg --max-tokens 200000)"]
+    ours = "\n".join(textwrap.fill(line, 100, subsequent_indent="  ") for line in lists) + "\n\n" + CUSTOM_TASK_EXAMPLE
+    parser.epilog = f"{parser.epilog}\n\n{ours}" if parser.epilog else ours
     return parser
 
 
-def _task_names(s: EvalSettings) -> list[str]:
-    """The tasks to run: the given ones (local names checked here; hub names by ``run_tasks``, against the harness's
-    task index), else the default tasks unless only perplexity was asked for."""
+def _task_selection(s: EvalSettings) -> TaskSelection | None:
+    """The tasks to run, checked before the model loads: the given ones (names, task YAML files, folders), else the
+    default tasks unless only perplexity was asked for."""
     if s.tasks:
-        return check_tasks(s.tasks) if s.data_source == "local" else list(s.tasks)
-    return [] if s.perplexity else list(DEFAULT_TASKS)
+        return select_tasks(s.tasks, s.data_source, data_dir=s.data_dir)
+    return None if s.perplexity else select_tasks(DEFAULT_TASKS, s.data_source, data_dir=s.data_dir)
 
 
 def evaluate_checkpoint(s: EvalSettings) -> dict[str, Any]:
     """Load ``s.model`` once, compute the requested perplexities and tasks, and return the merged results."""
     if s.limit is not None and s.limit < 1:
         raise UsageError(f"--limit must be positive, got {s.limit}")
-    tasks = _task_names(s)
+    if s.max_tokens is not None and s.max_tokens < 2:
+        raise UsageError(f"--max-tokens must be at least 2 (a token is scored given the one before it), got "
+                         f"{s.max_tokens}")
+    tasks = _task_selection(s)
     ppl_paths = {str(name): resolve_perplexity_path(name, s.data_dir) for name in s.perplexity}
-    if s.data_source == "local":
-        check_task_files(tasks, s.data_dir)
+    if tasks is not None and s.data_source == "local":
+        check_task_files(tasks.shipped, s.data_dir)
     model, tokenizer = load_model(s.model, s.device, s.dtype, s.tokenizer)
-    if tasks:
+    if tasks is not None:
         results = run_tasks(model, tasks, limit=s.limit, batch_size=s.batch_size, data_dir=s.data_dir,
                             tokenizer=tokenizer, data_source=s.data_source, max_length=s.max_length,
                             bootstrap_iters=s.bootstrap_iters, log_samples=s.log_samples)

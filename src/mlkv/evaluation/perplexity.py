@@ -20,10 +20,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from mlkv.data.paths import DATA_ENV, DATA_FLAG, DataFileNotFoundError, data_fil
 from mlkv.errors import UsageError, require_extra
 from mlkv.evaluation.model_info import model_device
 from mlkv.evaluation.task_configs.converters import read_wikitext_pages
+from mlkv.evaluation.token_budget import fit_documents, read_until
 
 __all__ = ["PERPLEXITY_FILES", "model_max_length", "perplexity", "perplexity_file", "read_perplexity_documents",
            "resolve_perplexity_path", "rolling_loglikelihoods", "wikitext_detokenize", "word_byte_perplexity"]
@@ -59,27 +61,32 @@ def _score_windows(model, windows: Sequence[tuple[list[int], list[int]]], batch_
 
     A window is ``(inputs, targets)``: the last ``len(targets)`` positions of ``inputs`` predict ``targets`` (the
     harness's convention for ``(context + continuation)[-(max_length + 1):][:-1]``). Windows are batched
-    longest first and right-padded, which leaves a causal model's logits at the real positions unchanged.
+    longest first and right-padded, which leaves a causal model's logits at the real positions unchanged. The
+    progress bar counts input tokens, the measure of the work, so its rate and ETA hold while windows shrink.
     """
     device = model_device(model)
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i][0]))
     out = [0.0] * len(windows)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch"):
+    bar = tqdm(total=sum(len(inputs) for inputs, _ in windows), desc=desc, disable=not progress, unit="tok",
+               unit_scale=True)
+    for batch in batches:
         width = len(windows[batch[0]][0])
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
+        ids = torch.zeros((len(batch), width), dtype=torch.long)  # (B, W), right-padded
         for row, index in enumerate(batch):
             inputs = windows[index][0]
             ids[row, :len(inputs)] = torch.tensor(inputs, dtype=torch.long)
-        logits = model(input_ids=ids.to(device), use_cache=False).logits
+        logits = model(input_ids=ids.to(device), use_cache=False).logits  # (B, W, V)
         for row, index in enumerate(batch):
             inputs, targets = windows[index]
             if not targets:
                 continue
             n, end = len(targets), len(inputs)
-            logprobs = torch.log_softmax(logits[row, end - n:end].float(), dim=-1)
+            logprobs = torch.log_softmax(logits[row, end - n:end].float(), dim=-1)  # (n, V)
             target = torch.tensor(targets, dtype=torch.long, device=logprobs.device)
             out[index] = logprobs.gather(-1, target[:, None]).sum().item()
+        bar.update(sum(len(windows[index][0]) for index in batch))
+    bar.close()
     return out
 
 
@@ -110,7 +117,7 @@ def perplexity(model, tokenizer, text: str, max_length: int | None = None, strid
         prev_end = end
         if end == len(tokens):
             break
-    logprobs = _score_windows(model, windows, batch_size, desc="perplexity", progress=progress)
+    logprobs = _score_windows(model, windows, batch_size, desc="perplexity, token-level", progress=progress)
     scored = sum(len(t) for _, t in windows)
     nll = -sum(logprobs)
     return {
@@ -138,16 +145,10 @@ def _harness_encode(tokenizer, text: str) -> list[int]:
     return tokenizer.encode(text)
 
 
-def rolling_loglikelihoods(model, tokenizer, documents: Sequence[str], max_length: int | None = None,
-                           batch_size: int = 1, progress: bool = True) -> list[float]:
-    """Log-likelihood of each whole document, as the harness's ``HFLM.loglikelihood_rolling`` computes it.
-
-    Tokens are split into disjoint windows of ``max_length`` predicted tokens (``get_rolling_token_windows`` with
-    ``context_len=1`` + ``make_disjoint_window``); the first window is conditioned on the prefix token (BOS, else
-    EOS), each later one on the token before it, and the last one on as much preceding text as fits.
-    """
+def _rolling(model, tokenizer, documents: Sequence[str], max_length: int, batch_size: int,
+             progress: bool) -> tuple[list[float], int]:
+    """``rolling_loglikelihoods`` and the number of tokens they score."""
     utils = require_extra("lm_eval.utils", "rolling log-likelihoods")
-    max_length = max_length or model_max_length(model, tokenizer)
     prefix = _prefix_token_id(tokenizer)
     windows, owner = [], []
     for doc_index, doc in enumerate(documents):
@@ -156,11 +157,23 @@ def rolling_loglikelihoods(model, tokenizer, documents: Sequence[str], max_lengt
                 context_len=1)):
             windows.append(((context + continuation)[-(max_length + 1):][:-1], continuation))
             owner.append(doc_index)
-    logprobs = _score_windows(model, windows, batch_size, desc="rolling loglikelihood", progress=progress)
+    logprobs = _score_windows(model, windows, batch_size, desc="perplexity, document-level", progress=progress)
     totals = [0.0] * len(documents)
     for doc_index, logprob in zip(owner, logprobs):
         totals[doc_index] += logprob
-    return totals
+    return totals, sum(len(continuation) for _, continuation in windows)
+
+
+def rolling_loglikelihoods(model, tokenizer, documents: Sequence[str], max_length: int | None = None,
+                           batch_size: int = 1, progress: bool = True) -> list[float]:
+    """Log-likelihood of each whole document, as the harness's ``HFLM.loglikelihood_rolling`` computes it.
+
+    Tokens are split into disjoint windows of ``max_length`` predicted tokens (``get_rolling_token_windows`` with
+    ``context_len=1`` + ``make_disjoint_window``); the first window is conditioned on the prefix token (BOS, else
+    EOS), each later one on the token before it, and the last one on as much preceding text as fits.
+    """
+    max_length = max_length or model_max_length(model, tokenizer)
+    return _rolling(model, tokenizer, documents, max_length, batch_size, progress)[0]
 
 
 def word_byte_perplexity(model, tokenizer, documents: Sequence[str],
@@ -173,7 +186,8 @@ def word_byte_perplexity(model, tokenizer, documents: Sequence[str],
     """
     targets = [detokenize(doc) if detokenize else doc for doc in documents]
     max_length = max_length or model_max_length(model, tokenizer)
-    loglikelihood = sum(rolling_loglikelihoods(model, tokenizer, targets, max_length, batch_size, progress))
+    totals, scored = _rolling(model, tokenizer, targets, max_length, batch_size, progress)
+    loglikelihood = sum(totals)
     words = sum(len(re.split(r"\s+", doc)) for doc in documents)
     n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
     return {
@@ -181,6 +195,7 @@ def word_byte_perplexity(model, tokenizer, documents: Sequence[str],
         "byte_perplexity": math.exp(-loglikelihood / n_bytes),
         "bits_per_byte": -loglikelihood / n_bytes / math.log(2),
         "loglikelihood": loglikelihood,
+        "scored_tokens": scored,
         "words": words,
         "bytes": n_bytes,
         "documents": len(documents),
@@ -207,14 +222,18 @@ def resolve_perplexity_path(name: str | os.PathLike, data_dir: str | os.PathLike
     return path
 
 
-def read_perplexity_documents(path: str | os.PathLike, limit: int | None = None) -> tuple[str, list[str]]:
+def read_perplexity_documents(path: str | os.PathLike, limit: int | None = None,
+                              counts: Iterable[Callable[[str], int]] = (),
+                              max_tokens: int | None = None) -> tuple[str, list[str]]:
     """``(kind, documents)`` of a perplexity file: ``"wikitext"`` pages of a ``*.raw`` file, else ``"documents"``
-    as ``mlkv.data.read_documents`` reads them. ``limit`` keeps the first documents."""
+    as ``mlkv.data.read_documents`` reads them. ``limit`` keeps the first documents; with ``max_tokens``, reading
+    stops once the documents hold that many tokens by each of ``counts`` (``token_budget.read_until``)."""
     path = Path(path)
     if path.suffix == ".raw":
-        pages = read_wikitext_pages(path)
-        return "wikitext", pages[:limit] if limit else pages
-    return "documents", list(read_documents(path, max_documents=limit))
+        kind, documents = "wikitext", read_wikitext_pages(path)[:limit]
+    else:
+        kind, documents = "documents", read_documents(path, max_documents=limit)
+    return kind, read_until(documents, counts, max_tokens)
 
 
 def perplexity_file(model, tokenizer, path: str | os.PathLike, max_length: int | None = None,
@@ -224,18 +243,30 @@ def perplexity_file(model, tokenizer, path: str | os.PathLike, max_length: int |
     """Token-level (sliding window) and, if ``document_level``, harness-style word/byte perplexity of a file.
 
     The token-level text is the documents joined by ``"\\n"`` for WikiText pages (which gives back the raw file
-    less its leading blank line) and by ``"\\n\\n"`` otherwise, cut at ``max_tokens`` tokens if given; the
-    document-level numbers score every document whole, on its own (WikiText pages after the harness's detokenizer).
-    ``limit`` keeps the first documents.
+    less its leading blank line) and by ``"\\n\\n"`` otherwise; the document-level numbers score each document on
+    its own (WikiText pages after the harness's detokenizer). ``limit`` keeps the first documents. ``max_tokens``
+    bounds both passes (``mlkv.evaluation.token_budget``): the token-level text is cut at that many tokens, the
+    document-level pass scores whole documents while they fit and the part of the next one that fits, and the file
+    is read only as far as they need.
     """
-    kind, documents = read_perplexity_documents(path, limit)
     max_length = max_length or model_max_length(model, tokenizer)
+    detokenize = wikitext_detokenize if Path(path).suffix == ".raw" else None
+
+    @functools.cache  # counted while reading and again while fitting the budget
+    def scored(doc: str) -> int:  # the tokens the document-level pass scores for doc
+        return len(_harness_encode(tokenizer, detokenize(doc) if detokenize else doc))
+
+    def joined(doc: str) -> int:  # the tokens doc surely adds to the joined text (its ends may merge at a join)
+        return max(0, len(tokenizer(doc)["input_ids"]) - 2)
+
+    counts = [joined, scored] if document_level else [joined]
+    kind, documents = read_perplexity_documents(path, limit, counts, max_tokens)
     text = ("\n" if kind == "wikitext" else "\n\n").join(documents)
-    result = {"file": str(path), "kind": kind, "documents": len(documents), "limit": limit,
+    result = {"file": str(path), "kind": kind, "documents": len(documents), "limit": limit, "max_tokens": max_tokens,
               "token_level": perplexity(model, tokenizer, text, max_length, stride, batch_size, max_tokens,
                                         progress=progress)}
     if document_level:
-        detokenize = wikitext_detokenize if kind == "wikitext" else None
-        result["document_level"] = word_byte_perplexity(model, tokenizer, documents, detokenize, max_length,
-                                                        batch_size, progress)
+        docs, cut = fit_documents(documents, scored, max_tokens) if max_tokens else (documents, False)
+        result["document_level"] = {**word_byte_perplexity(model, tokenizer, docs, detokenize, max_length,
+                                                           batch_size, progress), "last_document_cut": cut}
     return result

@@ -16,19 +16,25 @@ from typing import Any
 
 from mlkv import tables
 from mlkv.checkpoints import atomic_json
-from mlkv.evaluation.tasks import PAPER_TASKS
+from mlkv.evaluation.task_selection import PAPER_TASKS
 
-__all__ = ["PAPER_COLUMNS", "RESULTS_FILE", "average_accuracy", "compare", "compare_rows", "load_results",
-           "markdown_table", "save_results", "summary", "task_metric"]
+__all__ = ["PAPER_COLUMNS", "RESULTS_FILE", "TASK_COLUMNS", "average_accuracy", "column_header", "column_key",
+           "column_metric", "column_value", "compare", "compare_rows", "load_results", "markdown_table",
+           "save_results", "summary", "task_metric"]
 
-#: Columns of ``compare``: (task, header); the paper's "avg of 4" averages ``PAPER_TASKS``.
-PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("arc_easy", "ARC-e"),
-    ("lambada_openai", "LAMBADA acc (ppl)"),
-    ("piqa", "PIQA"),
-    ("sciq", "SciQ"),
-    ("hellaswag", "HellaSwag"),
-)
+#: The one metric each task's column shows in a table with a column per task (``compare``, and ``mlkv reproduce``'s
+#: report through ``column_metric`` / ``column_header`` / ``column_value``), and the column's header, which names it:
+#: accuracy for the paper's four tasks (the paper's "avg of 4" is their mean), length-normalised accuracy for
+#: HellaSwag (the metric it is usually reported in). Other tasks show ``acc``.
+TASK_COLUMNS: dict[str, tuple[str, str]] = {
+    "arc_easy": ("acc", "ARC-e acc"),
+    "lambada_openai": ("acc", "LAMBADA acc (ppl)"),
+    "piqa": ("acc", "PIQA acc"),
+    "sciq": ("acc", "SciQ acc"),
+    "hellaswag": ("acc_norm", "HellaSwag acc_norm"),
+}
+#: The tasks of ``compare``'s columns, in order.
+PAPER_COLUMNS: tuple[str, ...] = tuple(TASK_COLUMNS)
 #: File name of a checkpoint's results inside its directory.
 RESULTS_FILE = "eval_results.json"
 
@@ -57,6 +63,26 @@ def task_metric(results: dict[str, Any], task: str, metric: str) -> float | None
     """A task's metric (``"acc"``, ``"acc_norm"``, ``"perplexity"``, ...) without a filter, or None if missing."""
     value = results.get("results", {}).get(task, {}).get(f"{metric},none")
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def column_metric(task: str) -> str:
+    """The metric of ``task``'s column (``TASK_COLUMNS``; ``acc`` for a task not listed there)."""
+    return TASK_COLUMNS.get(task, ("acc", ""))[0]
+
+
+def column_header(task: str) -> str:
+    """The header of ``task``'s column: its short name and metric, e.g. ``HellaSwag acc_norm``."""
+    return TASK_COLUMNS[task][1] if task in TASK_COLUMNS else f"{task} {column_metric(task)}"
+
+
+def column_key(task: str) -> str:
+    """The key of ``task``'s column in JSON rows (``compare_rows``), naming the metric: ``hellaswag_acc_norm``."""
+    return f"{task}_{column_metric(task)}"
+
+
+def column_value(results: dict[str, Any], task: str) -> float | None:
+    """The value in ``task``'s column: ``task_metric`` of ``column_metric(task)``."""
+    return task_metric(results, task, column_metric(task))
 
 
 def average_accuracy(results: dict[str, Any]) -> float | None:
@@ -131,7 +157,8 @@ def markdown_table(results: dict[str, Any]) -> str:
 
 # ---- the paper's table across checkpoints ---------------------------------------------------------------------------
 def compare_rows(paths_or_dirs: Sequence[str | os.PathLike]) -> list[dict[str, Any]]:
-    """One row per results file / checkpoint directory: config, KV bytes/token, per-task acc, LAMBADA ppl, avg."""
+    """One row per results file / checkpoint directory: config, KV bytes/token, each column's metric (keys by
+    ``column_key``: ``piqa_acc``, ``hellaswag_acc_norm``, ...), LAMBADA ppl, the paper's avg of 4."""
     rows = []
     for item in paths_or_dirs:
         results = load_results(item)
@@ -143,8 +170,8 @@ def compare_rows(paths_or_dirs: Sequence[str | os.PathLike]) -> list[dict[str, A
             "limit": info.get("limit"),
             "path": info.get("results_path"),
         }
-        for task, _ in PAPER_COLUMNS:
-            row[task] = task_metric(results, task, "acc")
+        for task in PAPER_COLUMNS:
+            row[column_key(task)] = column_value(results, task)
         row["lambada_openai_ppl"] = task_metric(results, "lambada_openai", "perplexity")
         row["avg_of_4"] = average_accuracy(results)
         rows.append(row)
@@ -154,17 +181,18 @@ def compare_rows(paths_or_dirs: Sequence[str | os.PathLike]) -> list[dict[str, A
 def compare(paths_or_dirs: Sequence[str | os.PathLike]) -> str:
     """The MLKV paper's results table across checkpoints (accuracies in %, LAMBADA perplexity in brackets).
 
-    ``avg of 4`` averages ARC-e, LAMBADA, PIQA and SciQ as the paper does; HellaSwag is shown beside them.
+    ``avg of 4`` averages ARC-e, LAMBADA, PIQA and SciQ accuracy as the paper does; HellaSwag is shown beside them
+    (acc_norm). Every header names its metric (``TASK_COLUMNS``).
     """
-    header = ["config", "KV bytes/token"] + [h for _, h in PAPER_COLUMNS] + ["avg of 4"]
+    header = ["config", "KV bytes/token"] + [column_header(task) for task in PAPER_COLUMNS] + ["avg of 4 (acc)"]
     table_rows = []
     for row in compare_rows(paths_or_dirs):
         name = row["config"] + (f" ({row['structure']})" if row["structure"] else "")
         if row["limit"]:
             name += f" [limit {row['limit']}]"
         cells = [name, _cell(row["kv_bytes_per_token"])]
-        for task, _ in PAPER_COLUMNS:
-            cell = tables.fmt(row[task], ".2f", pct=True)
+        for task in PAPER_COLUMNS:
+            cell = tables.fmt(row[column_key(task)], ".2f", pct=True)
             if task == "lambada_openai" and row["lambada_openai_ppl"] is not None:
                 cell += f" ({row['lambada_openai_ppl']:.1f})"
             cells.append(cell)
