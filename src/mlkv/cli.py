@@ -27,7 +27,7 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
               ("mlkv train --model runs/mlkv6 --data ../shared/data/corpus/gutenberg/train_00.jsonl.xz "
                "--tokens 20M --out runs/mlkv6-up",)),
     "eval": ("mlkv.evaluation.command", "zero-shot tasks (lm-evaluation-harness) and perplexity",
-             ("mlkv eval runs/mlkv6-up --tasks piqa arc_easy --perplexity gutenberg",)),
+             ("mlkv eval runs/mlkv6-up --tasks piqa arc_easy --perplexity gutenberg --max-tokens 200000",)),
     "generate": ("mlkv.inference.generate", "continue prompts with a checkpoint",
                  ("mlkv generate runs/mlkv6-up --prompt 'The old house' --engine fast",)),
     "bench": ("mlkv.inference.bench.command", "decode speed, memory and max batch per plan",
