@@ -3,12 +3,13 @@
 import argparse
 
 from mlkv.reproduce.command import add_reproduce_arguments, settings_from_args
-from mlkv.reproduce.config import Settings
+from mlkv.reproduce.config import Settings, resolve_settings
 
 FLAGS = ["--out", "--smoke", "--data-dir", "--base", "--hidden-size", "--seq-len", "--micro-batch-size",
          "--base-tokens", "--uptrain-tokens", "--train-shards", "--tasks", "--limit", "--ppl-limit", "--plans",
          "--no-bench", "--eval-batch-size", "--eval-workers", "--init-seeds", "--uptrain-lr", "--distill-hidden",
-         "--compile", "--device"]
+         "--compile", "--device", "--init", "--init-plans", "--init-comparison", "--step0", "--distill-plans",
+         "--keep-checkpoints", "--no-keep-checkpoints", "--val-points"]
 
 
 def _parser():
@@ -23,7 +24,8 @@ def test_flags_keep_their_names_and_all_have_help():
 
 
 def test_defaults_are_the_settings_and_smoke_keeps_the_flags_given():
-    assert settings_from_args(_parser().parse_args([])) == Settings()
+    assert settings_from_args(_parser().parse_args([])) == resolve_settings(Settings())
+    assert Settings().base == "pretrain" and Settings().keep_checkpoints is False
     s = settings_from_args(_parser().parse_args(["--smoke", "--device", "cuda", "--eval-workers", "3",
                                                  "--hidden-size", "64", "--no-bench"]))
     assert (s.device, s.eval_workers, s.hidden_size, s.bench) == ("cuda", 3, 64, False)

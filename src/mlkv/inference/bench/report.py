@@ -13,7 +13,8 @@ from mlkv.checkpoints import atomic_write
 from mlkv.inference.bench.memory import GB
 from mlkv.tables import fmt, text_table
 
-__all__ = ["summary", "CSV_FIELDS", "csv_rows", "write_outputs", "write_plots", "print_report"]
+__all__ = ["summary", "CSV_FIELDS", "csv_rows", "write_outputs", "write_plots", "print_report", "throughput_styles",
+           "THROUGHPUT_LINES"]
 
 
 # ---- summary --------------------------------------------------------------------------------------------------------
@@ -156,28 +157,48 @@ def _plot_memory(plt, plans, col, meta, title, out_dir: Path) -> str:
         if pts:
             ax.plot(*zip(*sorted(pts)), marker="o", color=col[r["plan"]], label=r["plan"])
     ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="peak memory (GB)",
-           title=f"engine peak memory, context {meta['settings']['step_context']}\n{title}")
-    ax.legend(fontsize=7, ncol=2)
+           title=f"Engine peak memory at context {meta['settings']['step_context']}\n{title}")
+    _plain_ticks(ax, _batches(plans, "step"))
+    ax.legend(fontsize=8, ncol=2)
     return _save(plt, fig, out_dir / "memory_vs_batch.png")
 
 
+#: The implementations a throughput plot can draw: row key, line style, marker, legend text.
+THROUGHPUT_LINES = [("engine", "-", "o", "mlkv engine"),
+                    ("engine_compiled", ":", "s", "mlkv engine, torch.compile'd step"),
+                    ("hf_static", "--", "x", "transformers generate(), static cache")]
+
+
+def throughput_styles(plans: list[dict]) -> list[tuple[str, str, str]]:
+    """``(line style, marker, legend text)`` of each implementation some plan's step rows measured: the throughput
+    plot's style legend, which names no line that is not drawn."""
+    return [(ls, marker, text) for key, ls, marker, text in THROUGHPUT_LINES
+            if any(key in row for r in plans for row in r["step"])]
+
+
 def _plot_throughput(plt, plans, col, meta, title, out_dir: Path) -> str:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    """Decode tokens/s against batch: one color per plan, one line style per implementation; the legend names
+    the plans (colors) and only the implementations drawn (styles)."""
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(8, 5))
     for r in plans:
-        pts = sorted((row["batch"], row["engine"]["decode_tok_s"]) for row in r["step"] if "engine" in row)
-        if pts:
-            ax.plot(*zip(*pts), marker="o", color=col[r["plan"]], label=r["plan"])
-        hf = sorted((row["batch"], row["hf_static"]["decode_tok_s"]) for row in r["step"] if "hf_static" in row)
-        if hf:
-            ax.plot(*zip(*hf), marker="x", ls="--", color=col[r["plan"]], alpha=0.6)
-        cmp = sorted((row["batch"], row["engine_compiled"]["decode_tok_s"]) for row in r["step"]
-                     if "engine_compiled" in row)
-        if cmp:
-            ax.plot(*zip(*cmp), marker="s", ls=":", color=col[r["plan"]])
+        for key, ls, marker, _ in THROUGHPUT_LINES:
+            pts = sorted((row["batch"], row[key]["decode_tok_s"]) for row in r["step"] if key in row)
+            if pts:
+                ax.plot(*zip(*pts), marker=marker, ls=ls, color=col[r["plan"]], alpha=0.6 if key == "hf_static"
+                        else 1.0)
     ax.set(xscale="log", yscale="log", xlabel="batch", ylabel="decode tokens/s",
-           title=f"decode throughput, context {meta['settings']['step_context']} (solid: engine, dotted: compiled "
-                 f"engine, dashed: transformers static)\n{title}")
-    ax.legend(fontsize=7, ncol=2)
+           title=f"Decode throughput at context {meta['settings']['step_context']}\n{title}")
+    _plain_ticks(ax, _batches(plans, "step"))
+    plan_handles = [Line2D([], [], color=col[r["plan"]], lw=3, label=r["plan"]) for r in plans]
+    style_handles = [Line2D([], [], color="black", ls=ls, marker=marker, label=text)
+                     for ls, marker, text in throughput_styles(plans)]
+    first = ax.legend(handles=plan_handles, title="plan (color)", fontsize=8, loc="upper left",
+                      bbox_to_anchor=(1.01, 1.0))
+    ax.add_artist(first)
+    ax.legend(handles=style_handles, title="implementation (line)", fontsize=8, loc="lower left",
+              bbox_to_anchor=(1.01, 0.0), handlelength=4)  # long enough to show the dashes
     return _save(plt, fig, out_dir / "throughput_vs_batch.png")
 
 
@@ -192,12 +213,27 @@ def _plot_max_batch(plt, with_batch, col, meta, title, out_dir: Path) -> str:
            title=f"max batch at context {with_batch[0]['max_batch']['context']}, budget "
                  f"{meta['budget_bytes'] / GB:.3g} GB ({meta['fit_method'].split(' (')[0]})\n{title}")
     ax.tick_params(axis="x", rotation=45)
+    _plain_ticks(ax)
     return _save(plt, fig, out_dir / "max_batch.png")
 
 
+def _plain_ticks(ax, batches: list[int] | None = None) -> None:
+    """Log axes labelled in plain numbers (64, 2,000, 0.5), not 6.4 x 10^1; ``batches``: the x ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 10 else f"{v:.3g}")
+    if batches:
+        ax.set_xticks(batches)
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    if ax.get_yscale() == "log":
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def _save(plt, fig, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # titles and outside legends kept whole
     plt.close(fig)
     return str(path)
 

@@ -50,15 +50,16 @@ from mlkv.model.config import PRESETS, MLKVConfig, preset_config
 from mlkv.model.modeling import MLKVForCausalLM
 from mlkv.model.sharing import PAPER_PRESETS, PAPER_SHAPE, resolve_plan
 
-__all__ = ["run_bench", "resolve_model", "build_model", "plan_label", "COMPILE_RESERVE_S"]
+__all__ = ["run_bench", "resolve_model", "gguf_model", "build_model", "plan_label", "COMPILE_RESERVE_S"]
 
 COMPILE_RESERVE_S = 90  # seconds a compiled run (one compilation + timing) is given before the deadline
 
 
 # ---- models ---------------------------------------------------------------------------------------------------------
 def resolve_model(model_or_preset) -> tuple[MLKVConfig, MLKVForCausalLM | Path | None, str]:
-    """``(config, loaded, description)`` from a preset name, a directory, a config or a model; ``loaded`` is the
-    given model, a checkpoint folder with weights, or ``None`` (random weights of the config's shape)."""
+    """``(config, loaded, description)`` from a preset name, a directory, a ``.gguf`` file or known GGUF name
+    (``smollm2``), a config or a model; ``loaded`` is the given or converted model, a checkpoint folder with
+    weights, or ``None`` (random weights of the config's shape)."""
     if isinstance(model_or_preset, MLKVForCausalLM):
         return model_or_preset.config, model_or_preset, "given model"
     if isinstance(model_or_preset, MLKVConfig):
@@ -66,6 +67,10 @@ def resolve_model(model_or_preset) -> tuple[MLKVConfig, MLKVForCausalLM | Path |
     name = str(model_or_preset)
     if name in PRESETS:
         return preset_config(name), None, f"preset {name}"
+    from mlkv.model.gguf import is_gguf
+
+    if is_gguf(name):
+        return gguf_model(name)
     path = Path(name)
     if path.is_dir():
         from transformers import AutoConfig
@@ -76,7 +81,24 @@ def resolve_model(model_or_preset) -> tuple[MLKVConfig, MLKVForCausalLM | Path |
         if not has_weights(path):  # a config alone: its shape, random weights (speed does not care)
             return config, None, f"config {path} (no weights: random)"
         return config, path, f"checkpoint {path}"
-    raise ValueError(f"model ({name!r}) is neither a preset ({', '.join(sorted(PRESETS))}) nor a directory")
+    raise ValueError(f"model ({name!r}) is neither a preset ({', '.join(sorted(PRESETS))}), a .gguf file or known "
+                     f"GGUF name (smollm2), nor a directory")
+
+
+def gguf_model(spec: str) -> tuple[MLKVConfig, MLKVForCausalLM, str]:
+    """A GGUF model (a ``.gguf`` path or a known name such as ``smollm2``) converted in memory as it is: dequantized
+    into a temporary Hugging Face folder (``mlkv.model.gguf.materialize``), then ``convert_state`` with its own plan
+    (``mha`` keeps the source's K/V heads: 30x3 on SmolLM2), so that the benchmark times the real weights."""
+    import tempfile
+
+    from mlkv.model.convert import build_model as build_converted
+    from mlkv.model.convert import convert_state
+    from mlkv.model.gguf import materialize
+
+    with tempfile.TemporaryDirectory(prefix="mlkv-bench-gguf-") as tmp:
+        state, config = convert_state(materialize(spec, Path(tmp) / "hf"), "mha")
+    model = build_converted(state, config).eval()
+    return config, model, f"GGUF {spec} (dequantized, converted as it is: {config.sharing.structure})"
 
 
 def plan_label(plan) -> str:

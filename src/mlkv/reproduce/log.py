@@ -1,0 +1,27 @@
+"""The pipeline's progress log and stage markers (``done.json``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from mlkv.checkpoints import atomic_json
+
+__all__ = ["say", "read_done", "mark_done"]
+
+
+def say(msg: str) -> None:
+    """One line of the pipeline's progress log, timestamped."""
+    print(f"[mlkv reproduce {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def read_done(folder: Path) -> dict | None:
+    """The ``done.json`` marker of a finished stage or run (what it recorded), or None if it is not finished."""
+    marker = folder / "done.json"
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def mark_done(folder: Path, info: dict) -> None:
+    """Mark ``folder`` finished, recording ``info`` (atomically: a marker is whole or absent)."""
+    atomic_json(folder / "done.json", info)
