@@ -49,6 +49,7 @@ from mlkv.reproduce.log import mark_done, read_done, say
 from mlkv.reproduce.markdown import render_report
 from mlkv.reproduce.report import build_results
 from mlkv.reproduce.runs import conversions, planned_runs, step0_runs
+from mlkv.training.outdir import has_checkpoint
 
 HF_DATASET = "EleutherAI/the_pile_deduplicated (mlkv train takes any text dataset as --data hf:NAME)"
 NEOX_TOKENIZER = ("tokenizers", "gpt-neox-20b", "tokenizer.json")
@@ -101,7 +102,7 @@ def stage_base(s: Settings, data: Path, out: Path) -> Path:
         say("base: done, skipping")
         return folder
     source = source_of(s)
-    if folder.exists() and (source.real or not (folder / "checkpoint").exists()):
+    if folder.exists() and (source.real or not has_checkpoint(folder)):
         shutil.rmtree(folder)  # an unfinished base that has no checkpoint to resume from
     if source.real:
         from mlkv.model.convert import convert_checkpoint
@@ -124,7 +125,7 @@ def stage_base(s: Settings, data: Path, out: Path) -> Path:
     say(f"base: pretraining a 12x12 MHA model (hidden {s.hidden_size}) for {s.base_tokens} tokens")
     summary = train(TrainConfig(model=str(cfg_dir), out=str(folder), **_train_common(s, data, s.base_tokens, 0),
                                 tokens=s.base_tokens, lr=6e-4 if not s.smoke else 3e-3, warmup_ratio=0.05,
-                                resume=(folder / "checkpoint").exists()))
+                                resume=has_checkpoint(folder)))
     _finish_training(s, folder, summary, _brief(summary))
     return folder
 
@@ -158,7 +159,9 @@ def _train_common(s: Settings, data: Path, tokens: str, val_points: int) -> dict
                 cache_dir=str(Path(s.out) / "token_cache"), max_documents=s.max_documents, seq_len=s.seq_len,
                 micro_batch_size=s.micro_batch_size, compile=s.compile, device=s.device, seed=s.seed,
                 eval_every=max(1, steps // val_points) if val_points else 10**9,
-                eval_batches=20 if not s.smoke else 2, save_every=10**9,
+                eval_batches=20 if not s.smoke else 2,
+                # a checkpoint every tenth of the run: a kill -9 (OOM killer, preemption) loses at most that much
+                save_every=max(1, steps // (10 if not s.smoke else 2)),
                 progress=True, log_every=10 if not s.smoke else 1)
 
 
@@ -218,13 +221,13 @@ def uptrain_one(s: Settings, data: Path, model: Path, folder: Path, info: dict, 
     and mark it done with ``info``. ``train_args``: extra ``TrainConfig`` fields (objective, teacher, ...)."""
     from mlkv.training.loop import TrainConfig, train
 
-    if folder.exists() and not (folder / "checkpoint").exists():
+    if folder.exists() and not has_checkpoint(folder):
         shutil.rmtree(folder)  # stopped before its first checkpoint: start over
     common = _train_common(s, data, s.uptrain_tokens, s.val_points)
     common["seed"] += seed  # another data order
     train_args = {"lr": s.uptrain_lr, **train_args}
     summary = train(TrainConfig(model=str(model), out=str(folder), **common, tokens=s.uptrain_tokens,
-                                resume=(folder / "checkpoint").exists(), **train_args))
+                                resume=has_checkpoint(folder), **train_args))
     _finish_training(s, folder, summary, {**info, **_brief(summary)})
 
 
