@@ -45,9 +45,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from report import finish  # noqa: E402
 from mlkv.checkpoints import atomic_json, load_model  # noqa: E402
 from mlkv.reproduce.command import add_reproduce_arguments, settings_from_args  # noqa: E402
-from mlkv.reproduce.config import canonical_plans, check_settings  # noqa: E402
-from mlkv.reproduce.pipeline import (gutenberg_perplexity, mark_done, read_done, resolve_data_dir, say,  # noqa: E402
-                                     stage_base, uptrain_one)
+from mlkv.reproduce.config import check_settings, source_of  # noqa: E402
+from mlkv.reproduce.evaluate import gutenberg_perplexity  # noqa: E402
+from mlkv.reproduce.log import mark_done, read_done, say  # noqa: E402
+from mlkv.reproduce.pipeline import resolve_data_dir, stage_base, uptrain_one  # noqa: E402
+from mlkv.reproduce.source import canonical_plan  # noqa: E402
 
 VARIANTS = {
     "lm": {},
@@ -81,7 +83,7 @@ def main() -> dict:
     parser.add_argument("--result", default=None, help="write the JSON report here too")
     args = parser.parse_args()
     s = settings_from_args(args)
-    plan = canonical_plans([args.plan])[0]
+    plan = canonical_plan(source_of(s), args.plan)
     data, out = resolve_data_dir(s.data_dir), Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(s, out)

@@ -29,20 +29,22 @@ def test_missing_data_names_flag_env_and_hub_dataset(tmp_path, monkeypatch):
 @needs_data
 def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "run"
-    report = reproduce(small(out, tasks=["lambada_openai", "piqa"], eval_workers=2))  # 2 processes evaluate
+    report = reproduce(small(out, tasks=["lambada_openai", "piqa"], eval_workers=2,  # 2 processes evaluate
+                             init_comparison=["mean", "first", "lsq"]))
     text = report.read_text()
     assert "| MLKV-2-distill | MLKV-2 (2x1) | pairwise | 2 | 256 |" in text
     assert "| MLKV-2-lm-mean | MLKV-2 (2x1) | mean |" not in text  # the init comparison has its own table
     results = json.loads((out / "results.json").read_text())
     assert {r["run"] for r in results["rows"]} == {"base", "MHA-144-lm", "MLKV-2-lm", "MLKV-2-distill",
-                                                    "MLKV-2-lm-mean", "MLKV-2-lm-first"}
+                                                    "MLKV-2-lm-mean", "MLKV-2-lm-first", "MLKV-2-lm-lsq"}
+    assert json.loads((out / "converted" / "MLKV-2-lsq" / "mlkv_conversion.json").read_text())["init"] == "lsq"
     assert {r["run"]: r["init"] for r in results["rows"]}["MLKV-2-lm-first"] == "first"
     assert all(r["gutenberg_ppl"] for r in results["rows"])
     assert all(r["piqa_acc"] is not None for r in results["rows"] if r["main"])
     assert all(r["piqa_acc"] is None for r in results["rows"] if not r["main"])
     assert (out / "plots" / "pareto.png").stat().st_size > 0 and (out / "plots" / "uptrain_loss.png").is_file()
     inits = results["init_comparison"]["MLKV-2"]
-    assert set(inits["inits"]) == {"pairwise", "mean", "first"} and inits["best"] in inits["inits"]
+    assert set(inits["inits"]) == {"pairwise", "mean", "first", "lsq"} and inits["best"] in inits["inits"]
     assert "## Conversion inits" in text
     # finished runs keep only their final model; the summary states the disk use
     assert not list(out.glob("*/checkpoint*")) and not list(out.glob("uptrain/*/checkpoint*"))
@@ -53,7 +55,7 @@ def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert all(r["hidden"] > 0 for r in logs["MLKV-2-distill"] if "loss" in r)  # KL + 10 x hidden-state distance
     assert all("hidden" not in r and "kl" not in r for r in logs["MLKV-2-lm"])
     capsys.readouterr()
-    reproduce(small(out, tasks=["lambada_openai", "piqa"]))  # every stage is done: nothing is retrained
+    reproduce(small(out, tasks=["lambada_openai", "piqa"], init_comparison=["mean", "first", "lsq"]))  # all done
     log = capsys.readouterr().out
     assert "base: done, skipping" in log
     assert "uptrain:" not in log and "eval:" not in log

@@ -115,3 +115,31 @@ def test_a_misspelled_task_fails_at_once_with_the_commands_prefix(tmp_path, caps
 def test_none_turns_off_distillation_and_the_init_comparison():
     s = _parse("--out", "x", "--distill-plans", "none", "--init-comparison", "none")
     assert s.distill_plans == [] and s.init_comparison == [] and names(s) == [f"{p}-lm" for p in s.plans]
+
+
+def test_a_llama_folder_is_a_real_base_with_the_grid_of_its_shape(tmp_path):
+    import json
+
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 100, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 128}))
+    s = resolve_settings(Settings(out="x", base=str(folder)))  # only its config is read
+    assert s.source == dict(spec=str(folder), kind="folder", layers=4, heads=4, kv_heads=2, head_dim=16)
+    assert s.plans == ["4x2", "2x2", "4x1", "1x2", "2x1", "3x1", "1x1"]
+    assert (s.distill_plans, s.init_plans, s.step0) == (["2x2", "4x1"], [], "tasks")
+
+
+def test_a_missing_shard_is_named_before_any_work(tmp_path):
+    from mlkv.reproduce.pipeline import reproduce
+
+    corpus = tmp_path / "data" / "corpus" / "gutenberg"
+    corpus.mkdir(parents=True)
+    (corpus / "train_00.jsonl.xz").write_bytes(b"")
+    s = Settings(out=str(tmp_path / "run"), data_dir=str(tmp_path / "data"), train_shards=["train_09.jsonl.xz"])
+    with pytest.raises(FileNotFoundError, match=r"--train-shards train_09.jsonl.xz: .*train_09.jsonl.xz not found "
+                                                r"\(shards there: train_00.jsonl.xz\)"):
+        reproduce(s)
+    assert not (tmp_path / "run").exists()
