@@ -161,7 +161,7 @@ def _train_common(s: Settings, data: Path, tokens: str, val_points: int) -> dict
                 eval_every=max(1, steps // val_points) if val_points else 10**9,
                 eval_batches=20 if not s.smoke else 2,
                 # a checkpoint every tenth of the run: a kill -9 (OOM killer, preemption) loses at most that much
-                save_every=max(1, steps // (10 if not s.smoke else 2)),
+                save_every=max(1, steps // 10) if not s.smoke else 10**9,
                 progress=True, log_every=10 if not s.smoke else 1)
 
 
