@@ -43,7 +43,7 @@ def test_smollm2_smoke_is_two_plans_a_few_steps_and_limited_tasks():
     s = smol(smoke=True)
     assert (s.plans, s.distill_plans, s.init_plans) == (["30x3", "6x1"], ["6x1"], [])
     assert names(s) == ["30x3-lm", "6x1-lm", "6x1-distill"] and list(step0_runs(s)) == ["6x1-step0"]
-    assert (s.device, s.bench, s.limit, s.seq_len, s.uptrain_tokens) == ("cpu", False, 4, 64, "512")
+    assert (s.device, s.bench, s.limit, s.seq_len, s.uptrain_tokens) == ("cpu", False, 2, 64, "256")
     assert task_runs(s) == {"base", "6x1-step0", "30x3-lm", "6x1-lm", "6x1-distill"}
 
 

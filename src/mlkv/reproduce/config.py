@@ -102,6 +102,9 @@ class Settings:
     """documents per perplexity set (default: all)"""
     ppl_max_tokens: int | None = setting(500_000, cli=False)
     """Gutenberg val tokens scored (the file has ~5.4M)"""
+    wikitext_words: bool = setting(True, cli=False)
+    """WikiText-2 word perplexity (whole pages; off in a real base's smoke, where one page costs ~35 s per model on
+    two CPU cores)"""
     eval_batch_size: int = setting(32, group=EVALUATION)
     """sequences per forward pass in the zero-shot tasks"""
     eval_workers: int | None = setting(None, group=EVALUATION)
@@ -142,7 +145,11 @@ def _pipeline_defaults(source: Source, smoke: bool) -> dict:
                                  ppl_max_tokens=1024, plans=["MHA-144", "MLKV-6", "MLKV-2"],
                                  distill_plans=["MLKV-6", "MLKV-2"])}
     shared = "6x1" if "6x1" in lists["plans"] else lists["plans"][-2]
-    return {**values, **dict(seq_len=64, micro_batch_size=2, uptrain_tokens="512", max_documents=1, limit=4,
+    # Measured on 2 shared CPU cores: a training step of SmolLM2 at 2 x 64 tokens takes 10-23 s (a third of it
+    # AdamW over 135M parameters) and 4 examples of each task 50 s of forward passes per model; hence 2 steps per run
+    # and 2 examples per task; WikiText-2's word perplexity needs a whole page (35 s per model), so it is left out.
+    return {**values, **dict(seq_len=64, micro_batch_size=2, uptrain_tokens="256", max_documents=1, limit=2,
+                             wikitext_words=False,
                              ppl_max_tokens=512, plans=[source.identity, shared], distill_plans=[shared],
                              init_plans=[], val_points=2)}
 

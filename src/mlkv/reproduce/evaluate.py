@@ -35,7 +35,8 @@ def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> No
         "gutenberg_val": gutenberg_perplexity(s, data, model, tok),
         "wikitext2": perplexity_file(model, tok, data / "eval" / "wikitext2" / "wiki.test.raw",
                                      max_length=s.seq_len, batch_size=8, limit=s.ppl_limit,
-                                     max_tokens=s.ppl_max_tokens if s.smoke else None),
+                                     max_tokens=s.ppl_max_tokens if s.smoke else None,
+                                     document_level=s.wikitext_words),
     }
     save_results(res, path)
 

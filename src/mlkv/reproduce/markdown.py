@@ -50,7 +50,8 @@ def _header(results: dict) -> list[str]:
              f"- conversion init: `{s.get('init', 'mean')}` for the main runs (every row states its own)",
              f"- zero-shot tasks: {'limit ' + str(s['limit']) + ' per task' if s['limit'] else 'full sets'}; "
              f"perplexity windows of {s['seq_len']} tokens, Gutenberg validation's first "
-             f"{_num(s.get('ppl_max_tokens'), 0)} tokens"]
+             f"{_num(s.get('ppl_max_tokens'), 0)} tokens" + ("" if s.get("wikitext_words", True) else
+                                                               "; WikiText-2 word perplexity not computed")]
     return lines
 
 
