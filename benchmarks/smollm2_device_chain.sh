@@ -4,13 +4,16 @@
 #   2. carry .carry/c2        bash benchmarks/smollm2_device_chain.sh part2     (GGUF part 1, data but train_00)
 #   3. carry .carry/c3        bash benchmarks/smollm2_device_chain.sh launch    (GGUF part 2, train_00; starts the run)
 #   4. (no carry)             bash benchmarks/smollm2_device_chain.sh wait      (repeat until it prints "finished")
-#   5. (no carry)             bash benchmarks/smollm2_device_chain.sh collect   (report, results, plots, logs to $OUT)
+#   5. (no carry)             bash benchmarks/smollm2_device_chain.sh bench     (the same run again with the bench)
+#   6. (no carry)             bash benchmarks/smollm2_device_chain.sh collect   (report, results, plots, logs to $OUT)
+#   7. if device time is left: bash benchmarks/smollm2_device_chain.sh kernel   (GPU tests, decode-kernel benchmark)
+# The first pass runs --no-bench, so that the report exists even if the lease ends during the bench.
 # The run itself is started with setsid, so it outlives each 10-minute call; the calls only carry data and wait.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:/root/mlkv-src
 STEP=${1:?usage: $0 install|part2|launch|wait|collect}
 DATA=/root/data; GG=/root/SmolLM2-135M-Instruct.Q4_1.gguf
-RUN_ARGS=${RUN_ARGS:---plans 30x3 30x1 10x3 6x1 1x1 --distill-plans 6x1 --uptrain-tokens 20M --train-shards train_00.jsonl.xz --val-points 4 --step0 ppl --tasks arc_easy lambada_openai piqa sciq --eval-workers 11 --eval-batch-size 32}
+RUN_ARGS=${RUN_ARGS:---plans 30x3 30x1 10x3 6x1 1x1 --distill-plans 6x1 --uptrain-tokens 15M --train-shards train_00.jsonl.xz --val-points 4 --step0 ppl --tasks arc_easy lambada_openai piqa sciq --eval-workers 11 --eval-batch-size 32}
 
 case $STEP in
 install)
@@ -19,6 +22,8 @@ install)
     rm -rf /root/mlkv-src && cp -r src /root/mlkv-src
     python3 -c "import gguf, lm_eval, datasets, transformers, torch, triton; print('transformers', transformers.__version__, 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
     nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm,clocks.mem --format=csv
+    ;;
+kernel)
     PYTHONPATH=/root/site:$PWD/src timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/inference/test_decode_kernel.py tests/inference/test_engine.py tests/inference/test_bench_memory.py 2>&1 | tee $OUT/gpu_tests.txt | tail -25
     mkdir -p $OUT/dk
     PYTHONPATH=/root/site:$PWD/src timeout 100 python3 benchmarks/decode_kernel.py --kernels ours sdpa_mask sdpa_flash \
@@ -33,21 +38,29 @@ launch)
     cp .carry/c3/gguf.part2 /root/parts/ && cp .carry/c3/train_00.jsonl.xz $DATA/corpus/gutenberg/ || exit 1
     cat /root/parts/gguf.part0 /root/parts/gguf.part1 /root/parts/gguf.part2 > $GG
     sha256sum $GG | grep -q '^b179c9523d0e6a0f' || { echo "GGUF checksum mismatch"; sha256sum $GG; exit 1; }
-    echo "GGUF ok; starting: mlkv reproduce --base $GG $RUN_ARGS"
-    cd /root && MLKV_GIT_COMMIT=${MLKV_GIT_COMMIT:-unknown} setsid nohup python3 -m mlkv reproduce --base $GG --out /root/r \
-        --data-dir $DATA $RUN_ARGS > /root/log.txt 2>&1 < /dev/null & echo $! > /root/pid
+    exec bash "$0" start --no-bench
+    ;;
+bench)
+    exec bash "$0" start
+    ;;
+start)  # (internal) start the run in its own process session, then wait for it
+    shift; echo "starting: mlkv reproduce --base $GG --out /root/r --data-dir $DATA $RUN_ARGS $*"
+    (cd /root && MLKV_GIT_COMMIT=${MLKV_GIT_COMMIT:-unknown} setsid nohup python3 -m mlkv reproduce --base $GG --out /root/r \
+        --data-dir $DATA $RUN_ARGS "$@" >> /root/log.txt 2>&1 < /dev/null &)
     sleep 2; exec bash "$0" wait
     ;;
 wait)
-    pid=$(cat /root/pid); t0=$(date +%s)
-    while kill -0 "$pid" 2>/dev/null && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-560} ]; do sleep 5; done
+    alive() { pgrep -f 'mlkv reproduce --base' > /dev/null; }
+    t0=$(date +%s)
+    while alive && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-560} ]; do sleep 5; done
     tr '\r' '\n' < /root/log.txt | grep -v '^\s*$' | tail -60
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-    kill -0 "$pid" 2>/dev/null && echo "still running ($(( $(date +%s) - t0 )) s waited)" || echo "finished"
+    alive && echo "still running ($(( $(date +%s) - t0 )) s waited)" || echo "finished"
     cp /root/log.txt $OUT/log.txt
     ;;
 collect)
-    tar czf $OUT/r.tgz --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.bin' --exclude=token_cache -C /root r
-    cp /root/log.txt $OUT/log.txt; ls -la $OUT; du -sh /root/r
+    tar czf $OUT/r.tgz --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.bin' --exclude=token_cache \
+        --exclude='*samples*' --exclude='*.jsonl.xz' -C /root r
+    cp /root/log.txt $OUT/log.txt; cp /root/r/report.md /root/r/results.json $OUT/ 2>/dev/null; ls -la $OUT; du -sh /root/r
     ;;
 esac
