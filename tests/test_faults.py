@@ -1,8 +1,9 @@
-"""Fault injection: ``mlkv train`` and ``mlkv convert`` killed with SIGKILL at seeded random points (before a file
-write, a rename, a deletion, an fsync or an optimizer step), then run again: a resumed run repeats the per-step
-losses, gradient norms and learning rates of an uninterrupted one and ends with the same weights, a rerun
-conversion writes the whole output, and no temporary file or folder is left. CPU, a tiny model and tokenizer made
-here (no shared data); about a minute."""
+"""Fault injection: ``mlkv train``, ``mlkv convert`` and the uptraining stage of ``mlkv reproduce`` killed with
+SIGKILL at seeded random points (before a file write, a rename, a deletion, an fsync or an optimizer step), then run
+again: a resumed run repeats the per-step losses, gradient norms and learning rates of an uninterrupted one and ends
+with the same weights, a rerun conversion writes the whole output, and no temporary file or folder is left. CPU;
+train and convert use a tiny model and tokenizer made here (no shared data, about a minute), reproduce a tiny
+``--smoke`` with mid-run checkpoints on the shared Gutenberg data (skipped without it; slow, about 75 s)."""
 
 from __future__ import annotations
 
@@ -28,18 +29,22 @@ POINTS = (("os", "replace"), ("os", "fsync"), ("shutil", "rmtree"), ("torch", "s
           ("transformers.modeling_utils", "safe_save_file"), ("pathlib", "Path.write_bytes"),
           ("pathlib", "Path.write_text"), ("mlkv.training.loop", "_train_step"))
 #: A process that runs an ``mlkv`` command and kills itself with SIGKILL at fault point ``argv[1]`` (0: never),
-#: saying where; else it reports how many points it passed.
+#: saying where (``killed at point N before NAME(ARGS)``); else it reports how many points it passed. With
+#: ``$FAULTS_WITHIN`` (``module:function``) only the points passed inside that function count.
 DRIVER = f"""
 import importlib, os, signal, sys
 from mlkv.cli import main
 
-kill_at, count = int(sys.argv[1]), 0
+kill_at, count, counting = int(sys.argv[1]), 0, not os.environ.get("FAULTS_WITHIN")
 
 def point(name, args):
     global count
+    if not counting:
+        return
     count += 1
     if count == kill_at:
-        print(f"killed before {{name}}({{', '.join(map(str, args[:2]))}})", file=sys.stderr, flush=True)
+        print(f"killed at point {{count}} before {{name}}({{', '.join(map(str, args[:2]))}})", file=sys.stderr,
+              flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 
 def before(owner, name):
@@ -55,6 +60,21 @@ for module, path in {POINTS!r}:
     for attr in owners:
         owner = getattr(owner, attr)
     before(owner, name)
+
+def within(module, name):
+    owner = importlib.import_module(module)
+    real = getattr(owner, name)
+    def wrapper(*args, **kwargs):
+        global counting
+        counting = True
+        try:
+            return real(*args, **kwargs)
+        finally:
+            counting = False
+    setattr(owner, name, wrapper)
+
+if os.environ.get("FAULTS_WITHIN"):
+    within(*os.environ["FAULTS_WITHIN"].split(":"))
 code = main(sys.argv[2:])
 print(f"fault points: {{count}}", file=sys.stderr)
 sys.exit(code)
@@ -85,18 +105,18 @@ def setup(tmp_path_factory) -> dict:
     return {"root": root}
 
 
-def mlkv(kill_at: int, *argv: str) -> tuple[int, int | str]:
-    """Run ``mlkv argv`` in a fresh process killed at fault point ``kill_at``: (exit code, the points it passed or
-    where it was killed)."""
-    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
+def mlkv(kill_at: int, *argv: str, within: str = "") -> tuple[int, int | str]:
+    """Run ``mlkv argv`` in a fresh process killed at fault point ``kill_at`` (counted inside the function
+    ``within``, ``module:function``, if given): (exit code, the points it passed or where it was killed)."""
+    env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "FAULTS_WITHIN": within}
     result = subprocess.run([sys.executable, "-c", DRIVER, str(kill_at), *map(str, argv)], env=env,
                             capture_output=True, text=True, timeout=300)
     if result.returncode not in (0, -signal.SIGKILL):
         raise AssertionError(f"mlkv {' '.join(map(str, argv))}: exit {result.returncode}\n{result.stderr[-4000:]}")
     lines = result.stderr.splitlines()
     if result.returncode == -signal.SIGKILL:
-        where = next(line for line in lines if "killed before " in line)  # (maybe after a progress bar)
-        return result.returncode, where[where.index("killed before "):]
+        where = next(line for line in lines if "killed at point " in line)  # (maybe after a progress bar)
+        return result.returncode, where[where.index("killed at point "):]
     return result.returncode, int(next(line for line in lines if line.startswith("fault points: ")).split()[-1])
 
 
@@ -180,3 +200,55 @@ def test_convert_killed_at_random_points_then_rerun_writes_the_whole_output_and_
     expected, got = load_file(reference / "model.safetensors"), load_file(dst / "model.safetensors")
     assert all(torch.equal(expected[k], got[k]) for k in expected)
     assert hidden(dst) == []
+
+
+UPTRAIN = "mlkv.reproduce.pipeline:stage_uptrain"
+TRAINED = ("base", "uptrain/MLKV-2-lm", "uptrain/MLKV-2-distill")
+
+
+def reproduce_args(data: Path, out: Path) -> list:
+    """The smallest ``mlkv reproduce --smoke`` with checkpoints inside its runs: a base pretrained for 8 steps, then
+    MLKV-2 uptrained for 8 steps with lm and with distill, a checkpoint every 2 steps; one PIQA example."""
+    return ["reproduce", "--smoke", "--data-dir", data, "--out", out, "--base-tokens", "2K", "--plans", "MLKV-2",
+            "--distill-plans", "MLKV-2", "--init-comparison", "none", "--tasks", "piqa", "--limit", 1,
+            "--checkpoints", 4]
+
+
+def logged(run: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl (steps and validations), without their timings."""
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "mfu")}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def tree(folder: Path) -> list[str]:
+    """Every path under ``folder``, relative to it (hidden ones and the token cache's build locks included)."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.slow
+def test_reproduce_killed_at_random_points_of_uptraining_resumes_to_the_uninterrupted_runs_steps_and_weights(
+        tmp_path):
+    from mlkv.data.paths import default_data_dir
+    from mlkv.training.outdir import has_checkpoint
+
+    data = default_data_dir()
+    if not (data / "corpus" / "gutenberg").is_dir():
+        pytest.skip("shared data not found")
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    code, points = mlkv(0, *reproduce_args(data, reference), within=UPTRAIN)
+    assert code == 0 and points > 100  # 2 runs x 8 steps, 4 checkpoints and the final model each
+    rng, passed, kills, resumable = random.Random(SEED), 0, [], set()
+    for _ in range(4):  # each run skips the finished stages and runs, resumes what the last one left, is killed
+        code, where = mlkv(rng.randint(1, points - passed), *reproduce_args(data, out), within=UPTRAIN)
+        assert code == -signal.SIGKILL, (kills, where)  # at most ``passed`` points of the stage are done
+        kills.append(where)
+        passed += int(where.split()[3])
+        resumable |= {run for run in TRAINED if has_checkpoint(out / run) and not (out / run / "done.json").exists()}
+    assert resumable, kills  # a kill left a run its checkpoint to resume mid-run
+    assert mlkv(0, *reproduce_args(data, out))[0] == 0
+    for run in TRAINED:
+        assert logged(out / run) == logged(reference / run), (run, kills)
+        expected, got = load_file(reference / run / "model.safetensors"), load_file(out / run / "model.safetensors")
+        assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected), run
+    assert tree(out) == tree(reference), kills  # no checkpoint left, no .done.json.tmp-*, no .model.tmp-*
+    assert hidden(out) == [], kills

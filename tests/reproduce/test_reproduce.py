@@ -198,3 +198,36 @@ def test_a_training_stopped_by_a_signal_is_not_marked_done(tmp_path, monkeypatch
     assert exit_info.value.code == 128 + signal.SIGTERM
     assert not (tmp_path / "run" / "base" / "done.json").exists()
     assert json.loads((tmp_path / "run" / "timing.json").read_text())["earlier_seconds"] >= 0
+
+
+def test_a_temporary_marker_left_by_a_kill_goes_when_the_run_is_marked_done(tmp_path, capsys):
+    from mlkv.reproduce.log import mark_done
+
+    run = tmp_path / "uptrain" / "MLKV-2-lm"
+    run.mkdir(parents=True)
+    (run / ".done.json.tmp-4242-0123abcd").write_text('{"plan": ')  # killed before its rename
+    mark_done(run, {"plan": "MLKV-2"})
+    assert sorted(p.name for p in run.iterdir()) == ["done.json"]
+    assert not list(run.parent.glob(".*"))  # nor the lock it held
+    assert f"removed {run / '.done.json.tmp-4242-0123abcd'}" in capsys.readouterr().err
+
+
+def test_a_checkpoint_left_by_a_kill_after_the_done_marker_goes_when_a_rerun_skips_the_run(tmp_path):
+    """A finished run's checkpoint is removed after its done marker is written; a kill between the two leaves it,
+    and the next invocation, which skips the run, removes it -- unless the marker says --keep-checkpoints, or
+    predates that record."""
+    from mlkv.reproduce.pipeline import _finish_training, stage_uptrain
+
+    s = Settings.smoke_settings(str(tmp_path), plans=["MLKV-2"], distill_plans=["none"], init_plans=["none"])
+    run = tmp_path / "uptrain" / "MLKV-2-lm"
+    (run / "checkpoint").mkdir(parents=True)
+    _finish_training(s, run, {}, {"plan": "MLKV-2"})
+    assert json.loads((run / "done.json").read_text()) == {"plan": "MLKV-2", "keep_checkpoints": False}
+    assert not (run / "checkpoint").exists()
+    for keep, kept in ((False, False), (True, True), (None, True)):
+        marker = {"plan": "MLKV-2", **({} if keep is None else {"keep_checkpoints": keep})}
+        for name in ("checkpoint", "checkpoint.old"):
+            (run / name).mkdir(exist_ok=True)
+        (run / "done.json").write_text(json.dumps(marker))
+        assert stage_uptrain(s, tmp_path, tmp_path / "base", {}, tmp_path) == {"MLKV-2-lm": run}  # nothing trains
+        assert [(run / name).exists() for name in ("checkpoint", "checkpoint.old")] == [kept, kept], marker

@@ -97,12 +97,26 @@ def test_every_bad_value_is_refused_before_any_work_naming_its_flag():
              (["--uptrain-lr=-1e-3"], r"--uptrain-lr must be positive, got -0.001"),
              (["--distill-hidden=-1"], r"--distill-hidden must be >= 0, got -1.0"),
              (["--limit", "0"], r"--limit must be at least 1, got 0"),
+             (["--checkpoints=-1"], r"--checkpoints must be at least 0, got -1"),
              (["--tasks", "piqaa"], r"unknown task\(s\): piqaa. Supported with local data: ")]
     for flags, message in cases:
         with pytest.raises(ValueError, match=message):
             _parse("--out", "x", *flags)
     with pytest.raises(FileNotFoundError, match=r"--base nowhere: neither 'pretrain', a known model"):
         _parse("--base", "nowhere")
+
+
+def test_checkpoints_split_every_training_run_and_a_smoke_saves_only_its_last_step_unless_asked(tmp_path):
+    from mlkv.reproduce.pipeline import _train_common
+
+    def save_every(*flags):
+        s = _parse("--out", str(tmp_path), *flags)
+        return s.checkpoints, _train_common(s, tmp_path, s.uptrain_tokens, 0)["save_every"]
+
+    assert save_every() == (10, 153 // 10)  # 5M tokens at 16 x 2048 a step: 153 steps
+    assert save_every("--checkpoints", "3") == (3, 153 // 3)
+    assert save_every("--smoke") == (0, 10**9)  # 8 steps
+    assert save_every("--smoke", "--checkpoints", "4") == (4, 2)
 
 
 def test_a_misspelled_task_fails_at_once_with_the_commands_prefix(tmp_path, capsys):

@@ -90,6 +90,9 @@ class Settings:
     val_points: int | None = setting(None, group=TRAINING)
     """validation perplexity evaluations during each uptraining run, for the recovery plot (default: 8 for a real
     base, 0 = only at the end, for the pretrained one)"""
+    checkpoints: int | None = setting(None, group=TRAINING)
+    """checkpoints spread over each training run, from which a rerun resumes a killed one (default: 10, so a kill
+    loses at most a tenth of a run; 0 in --smoke, whose runs are a few steps; 0 = only the last step's)"""
     compile: bool = setting(False, group=TRAINING)
     """torch.compile the training step"""
     seed: int = setting(0, cli=False)
@@ -132,13 +135,13 @@ def _pipeline_defaults(source: Source, smoke: bool) -> dict:
         pair = grid[1:3]  # (L/K)xK against Lx1: cross- against in-layer sharing at 1/K of the cache
         lists = dict(plans=grid, distill_plans=[p for p in ["6x1", *pair] if p in grid],
                      init_plans=[p for p in ["6x1"] if p in grid], init_comparison=[])
-    values = dict(lists, step0="tasks" if source.real else "off", val_points=8 if source.real else 0)
+    values = dict(lists, step0="tasks" if source.real else "off", val_points=8 if source.real else 0, checkpoints=10)
     if source.real:
         values.update(seq_len=1024, micro_batch_size=32, uptrain_tokens="30M")
     if not smoke:
         return values
     values.update(train_shards=["train_00.jsonl.xz"], ppl_limit=1, eval_batch_size=8, bench=False, device="cpu",
-                  eval_workers=1)
+                  eval_workers=1, checkpoints=0)
     if not source.real:
         return {**values, **dict(hidden_size=48, intermediate_size=96, seq_len=64, micro_batch_size=4,
                                  base_tokens="12K", uptrain_tokens="2K", max_documents=2, limit=4,
@@ -220,7 +223,8 @@ def _check_values(s: Settings) -> None:
     for flag, value, least in (("--seq-len", s.seq_len, 2), ("--micro-batch-size", s.micro_batch_size, 1),
                                ("--init-seeds", s.init_seeds, 1), ("--limit", s.limit, 1),
                                ("--ppl-limit", s.ppl_limit, 1), ("--eval-batch-size", s.eval_batch_size, 1),
-                               ("--val-points", s.val_points, 0), ("--hidden-size", s.hidden_size, 12)):
+                               ("--val-points", s.val_points, 0), ("--checkpoints", s.checkpoints, 0),
+                               ("--hidden-size", s.hidden_size, 12)):
         if value is not None and value < least:
             raise ValueError(f"{flag} must be at least {least}, got {value}")
     if not s.plans:

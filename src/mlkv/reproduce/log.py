@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from mlkv.checkpoints import atomic_json
+from mlkv.checkpoints import atomic_json, clean_stale_temps, folder_lock
 
 __all__ = ["say", "read_done", "mark_done"]
 
@@ -23,5 +23,8 @@ def read_done(folder: Path) -> dict | None:
 
 
 def mark_done(folder: Path, info: dict) -> None:
-    """Mark ``folder`` finished, recording ``info`` (atomically: a marker is whole or absent)."""
-    atomic_json(folder / "done.json", info)
+    """Mark ``folder`` finished, recording ``info`` (atomically: a marker is whole or absent), holding the folder's
+    lock; the temporary marker of a run killed while marking it is removed first."""
+    with folder_lock(folder, "mlkv reproduce"):
+        clean_stale_temps(folder / "done.json")
+        atomic_json(folder / "done.json", info)

@@ -98,7 +98,9 @@ def disk_bytes(folder: Path) -> int:
 def stage_base(s: Settings, data: Path, out: Path) -> Path:
     """The original in mlkv format: a real checkpoint converted as it is, or an MHA base pretrained here."""
     folder = out / "base"
-    if read_done(folder):
+    done = read_done(folder)
+    if done:
+        _drop_spare_checkpoints(folder, done)
         say("base: done, skipping")
         return folder
     source = source_of(s)
@@ -131,16 +133,23 @@ def stage_base(s: Settings, data: Path, out: Path) -> Path:
 
 
 def _finish_training(s: Settings, folder: Path, summary: dict, info: dict) -> None:
-    """Mark a training run done -- unless a signal stopped it -- and drop its checkpoint (unless
-    ``--keep-checkpoints``): a finished run keeps its final model only. ``train`` takes SIGTERM/SIGINT itself to
-    save a checkpoint and returns; the run is then left unfinished for the next invocation to resume, and the
-    pipeline stops with the signal's exit code."""
+    """Mark a training run done -- unless a signal stopped it -- and drop its checkpoint. ``train`` takes
+    SIGTERM/SIGINT itself to save a checkpoint and returns; the run is then left unfinished for the next invocation
+    to resume, and the pipeline stops with the signal's exit code."""
     if summary.get("interrupted"):
         signum = summary.get("stop_signal") or signal.SIGTERM
         say(f"{folder.name}: stopped by signal {signum} at step {summary.get('steps')}; a rerun resumes it")
         sys.exit(128 + signum)
-    mark_done(folder, info)  # first: a crash between the two leaves a finished run with a spare checkpoint
-    if not s.keep_checkpoints:
+    done = {**info, "keep_checkpoints": s.keep_checkpoints}
+    mark_done(folder, done)  # first: a crash between the two leaves a finished run with a spare checkpoint
+    _drop_spare_checkpoints(folder, done)
+
+
+def _drop_spare_checkpoints(folder: Path, done: dict) -> None:
+    """A finished run keeps its final model only, unless its ``done`` marker says ``--keep-checkpoints``: its
+    checkpoints go when it ends, or, if a kill came between the marker and this, when a rerun skips it. (A marker
+    without the setting, from before it was recorded, keeps them.)"""
+    if done.get("keep_checkpoints") is False:
         from mlkv.training.checkpoint import CHECKPOINT
 
         for name in (CHECKPOINT, CHECKPOINT + ".old"):
@@ -160,8 +169,8 @@ def _train_common(s: Settings, data: Path, tokens: str, val_points: int) -> dict
                 micro_batch_size=s.micro_batch_size, compile=s.compile, device=s.device, seed=s.seed,
                 eval_every=max(1, steps // val_points) if val_points else 10**9,
                 eval_batches=20 if not s.smoke else 2,
-                # a checkpoint every tenth of the run: a kill -9 (OOM killer, preemption) loses at most that much
-                save_every=max(1, steps // 10) if not s.smoke else 10**9,
+                # --checkpoints spread over the run: a kill -9 (OOM killer, preemption) loses at most one share
+                save_every=max(1, steps // s.checkpoints) if s.checkpoints else 10**9,
                 progress=True, log_every=10 if not s.smoke else 1)
 
 
@@ -206,7 +215,9 @@ def stage_uptrain(s: Settings, data: Path, base: Path, converted: dict, out: Pat
     for r in planned_runs(s):
         folder = out / "uptrain" / r["name"]
         trained[r["name"]] = folder
-        if read_done(folder):
+        done = read_done(folder)
+        if done:
+            _drop_spare_checkpoints(folder, done)
             continue
         say(f"uptrain: {r['name']} for {s.uptrain_tokens} tokens (init {r['init']})")
         extra = dict(objective="distill", teacher=str(base), distill_hidden=s.distill_hidden) \
