@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlkv.checkpoints import (FolderInUseError, atomic_dir, atomic_json, atomic_write, folder_lock, parse_dtype,
-                              require_checkpoint)
+from mlkv.checkpoints import (FolderInUseError, atomic_dir, atomic_json, atomic_write, clean_stale_temps_under,
+                              folder_lock, parse_dtype, require_checkpoint)
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -66,6 +66,21 @@ def test_atomic_dir_removes_what_a_killed_writer_left(tmp_path, capsys):
     with atomic_dir(tmp_path / "out") as tmp:
         (tmp / "weights").write_text("done")
     assert not stale.exists() and "left by an interrupted earlier run" in capsys.readouterr().err
+
+
+def test_the_tree_sweep_removes_every_hidden_temporary_under_a_folder_and_nothing_else(tmp_path, capsys):
+    (tmp_path / "eval").mkdir()
+    (tmp_path / ".results.json.tmp-123-abcdef01").write_text("{")
+    (tmp_path / "eval" / ".base.json.tmp-9-0badf00d").write_text("{")
+    (tmp_path / "uptrain" / ".run.tmp-5-12345678" / "sub").mkdir(parents=True)
+    (tmp_path / "uptrain" / ".run.tmp-5-12345678" / "sub" / ".x.tmp-1-2").write_text("")
+    keep = [tmp_path / "results.json", tmp_path / "eval" / "base.json", tmp_path / ".hidden", tmp_path / "a.tmp-1"]
+    for path in keep:
+        path.write_text("{}")
+    clean_stale_temps_under(tmp_path)
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert left == sorted(str(p.relative_to(tmp_path)) for p in keep)
+    assert capsys.readouterr().err.count("left by an interrupted earlier run") == 3
 
 
 def test_a_second_writer_gets_a_named_error_while_the_first_holds_the_lock(tmp_path):

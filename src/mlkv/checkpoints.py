@@ -234,6 +234,18 @@ def clean_stale_temps(dst: str | os.PathLike) -> list[Path]:
     return stale
 
 
+def clean_stale_temps_under(folder: str | os.PathLike) -> list[Path]:
+    """``clean_stale_temps`` for every file and folder anywhere under ``folder``: the hidden ``.<name>.tmp-*``
+    leftovers of writers killed inside it. Call it only while holding ``folder_lock(folder)`` in a program whose
+    every writer under ``folder`` holds that lock too (``mlkv reproduce``). Says what it removed."""
+    stale = sorted(p for p in Path(folder).rglob(".*.tmp-*") if p.exists())
+    for path in stale:
+        if path.exists():  # not inside a stale folder removed just before
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            print(f"mlkv: removed {path}, left by an interrupted earlier run", file=sys.stderr)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, command: str = "mlkv") -> Iterator[Path]:
     """Yield a temporary folder beside ``dst``; on success it becomes ``dst`` by one rename.

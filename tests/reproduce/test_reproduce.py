@@ -231,3 +231,28 @@ def test_a_checkpoint_left_by_a_kill_after_the_done_marker_goes_when_a_rerun_ski
         (run / "done.json").write_text(json.dumps(marker))
         assert stage_uptrain(s, tmp_path, tmp_path / "base", {}, tmp_path) == {"MLKV-2-lm": run}  # nothing trains
         assert [(run / name).exists() for name in ("checkpoint", "checkpoint.old")] == [kept, kept], marker
+
+
+@needs_data
+def test_a_second_run_into_a_busy_output_folder_gets_a_named_error_before_any_work(tmp_path):
+    from mlkv.checkpoints import FolderInUseError, folder_lock
+
+    out = tmp_path / "run"
+    with folder_lock(out, "mlkv reproduce --out run"):
+        with pytest.raises(FolderInUseError, match=r"is in use by pid \d+ .*\(mlkv reproduce --out run, started"):
+            reproduce(small(out))
+    assert not out.exists() or not any(out.iterdir())
+
+
+@needs_data
+def test_a_rerun_removes_what_a_killed_run_left_half_written_anywhere_in_its_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "eval").mkdir(parents=True)
+    (out / "settings.json").write_text(json.dumps({"seq_len": -1}))  # other settings: the rerun stops at once
+    stale = [out / ".results.json.tmp-99999-deadbeef", out / "eval" / ".base.json.tmp-99999-deadbeef"]
+    for path in stale:
+        path.write_text("{")
+    with pytest.raises(ValueError, match="was made with other settings"):
+        reproduce(small(out))
+    assert not any(path.exists() for path in stale)
+    assert capsys.readouterr().err.count("left by an interrupted earlier run") == 2

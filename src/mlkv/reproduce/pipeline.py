@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from mlkv.checkpoints import atomic_json, atomic_write
+from mlkv.checkpoints import atomic_json, atomic_write, clean_stale_temps_under, folder_lock
 from mlkv.model.convert import DEFAULT_INIT
 from mlkv.reproduce.config import Settings, check_settings, resolve_settings, source_of
 from mlkv.reproduce.evaluate import stage_eval
@@ -318,6 +318,14 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
     check_inputs(s, data)
     out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
+    # The whole run holds the output folder's lock: a second `mlkv reproduce --out` the same folder gets a named
+    # error, and what a killed earlier run left half-written anywhere inside is removed first.
+    with folder_lock(out, command):
+        clean_stale_temps_under(out)
+        return _run_locked(s, data, out, started, command)
+
+
+def _run_locked(s: Settings, data: Path, out: Path, started: float, command: str) -> Path:
     check_settings(s, out)
     timing_path = out / "timing.json"
     earlier = json.loads(timing_path.read_text())["earlier_seconds"] if timing_path.is_file() else 0.0
