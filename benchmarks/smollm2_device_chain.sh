@@ -56,11 +56,11 @@ wait)
     tr '\r' '\n' < /root/log.txt | grep -v '^\s*$' | tail -60
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     alive && echo "still running ($(( $(date +%s) - t0 )) s waited)" || echo "finished"
-    cp /root/log.txt $OUT/log.txt
+    exec bash "$0" collect  # every call brings back what exists so far, in case the lease ends
     ;;
 collect)
     tar czf $OUT/r.tgz --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.bin' --exclude=token_cache \
         --exclude='*samples*' --exclude='*.jsonl.xz' -C /root r
-    cp /root/log.txt $OUT/log.txt; cp /root/r/report.md /root/r/results.json $OUT/ 2>/dev/null; ls -la $OUT; du -sh /root/r
+    cp /root/log.txt $OUT/log.txt; cp /root/r/report.md /root/r/results.json $OUT/ 2>/dev/null; ls -l $OUT; du -sh /root/r
     ;;
 esac
