@@ -52,7 +52,7 @@ start)  # (internal) start the run in its own process session, then wait for it
 wait)
     alive() { pgrep -f 'mlkv reproduce --base' > /dev/null; }
     t0=$(date +%s)
-    while alive && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-560} ]; do sleep 5; done
+    while alive && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-530} ]; do sleep 5; done
     tr '\r' '\n' < /root/log.txt | grep -v '^\s*$' | tail -60
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
     alive && echo "still running ($(( $(date +%s) - t0 )) s waited)" || echo "finished"
