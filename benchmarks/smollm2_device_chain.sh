@@ -10,7 +10,7 @@
 # The first pass runs --no-bench, so that the report exists even if the lease ends during the bench.
 # The run itself is started with setsid, so it outlives each 10-minute call; the calls only carry data and wait.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:/root/mlkv-src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:/root/mlkv-src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 STEP=${1:?usage: $0 install|part2|launch|wait|collect}
 DATA=/root/data; GG=/root/SmolLM2-135M-Instruct.Q4_1.gguf
 RUN_ARGS=${RUN_ARGS:---plans 30x3 30x1 10x3 6x1 1x1 --distill-plans 6x1 --uptrain-tokens 15M --train-shards train_00.jsonl.xz --val-points 4 --step0 ppl --tasks arc_easy lambada_openai piqa sciq --eval-workers 11 --eval-batch-size 32 --checkpoints 0}
