@@ -157,3 +157,17 @@ def test_a_missing_shard_is_named_before_any_work(tmp_path):
                                                 r"\(shards there: train_00.jsonl.xz\)"):
         reproduce(s)
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluations_run_in_bfloat16_on_cuda_float32_on_cpu_unless_eval_dtype_says(monkeypatch):
+    from mlkv.reproduce import evaluate
+
+    monkeypatch.setattr(evaluate, "_cuda", lambda: True)
+    assert evaluate.eval_dtype(smol()) == "bfloat16"  # device left to the machine: CUDA here
+    assert evaluate.eval_dtype(smol(device="cuda:1")) == "bfloat16"
+    assert evaluate.eval_dtype(smol(device="cpu")) == "float32"
+    assert evaluate.eval_dtype(smol(eval_dtype="float32")) == "float32"
+    monkeypatch.setattr(evaluate, "_cuda", lambda: False)
+    assert evaluate.eval_dtype(smol()) == "float32"
+    s = settings_from_args(add_reproduce_arguments(argparse.ArgumentParser()).parse_args(["--eval-dtype", "float16"]))
+    assert s.eval_dtype == "float16"

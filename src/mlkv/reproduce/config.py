@@ -112,6 +112,9 @@ class Settings:
     """sequences per forward pass in the zero-shot tasks"""
     eval_workers: int | None = setting(None, group=EVALUATION)
     """models evaluated at once, each in its own process (default: min(8, cores/2) on CUDA, 1 on CPU)"""
+    eval_dtype: str | None = setting(None, choices=["float32", "bfloat16", "float16"], group=EVALUATION)
+    """model dtype in the evaluations (default: bfloat16 on CUDA, where the float32 checkpoints would run at the
+    card's plain fp32 rate; float32 on CPU)"""
     source: dict | None = setting(None, cli=False)
     """the base's shape, filled in by resolve_settings (mlkv.reproduce.source.Source's fields)"""
     resolved: bool = setting(False, cli=False)

@@ -146,7 +146,8 @@ def plot_uptrain_loss(train_dirs: dict[str, Path], path: Path) -> Path:
                     markevery=max(1, len(pts) // 6), markersize=5, lw=1.4, label=name)
         title, ylabel = PANELS[kind]
         ax.set(title=title, xlabel=f"tokens ({unit})" if unit else "tokens", ylabel=ylabel)
-        if kind == "val_ppl":
+        values = [p[1] for pts in curves.get(kind, {}).values() for p in pts if p[1] > 0]
+        if kind == "val_ppl" or (values and max(values) > 100 * min(values)):  # e.g. a distill run's first steps
             _plain_log(ax)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
