@@ -14,6 +14,9 @@ __all__ = ["render_report", "COLUMNS"]
 COLUMNS = ["run", "config", "init", "KV heads", "KV B/token", "Gutenberg ppl", "WikiText-2 word ppl", "ARC-e acc",
            "LAMBADA acc (ppl)", "PIQA acc", "SciQ acc", "HellaSwag acc_norm", "avg acc, paper's 4"]
 
+#: What results written before the evaluation dtype was recorded were evaluated in.
+OLD_EVAL_DTYPE = "the checkpoints' own dtype"
+
 
 def _pct(value) -> str:
     return tables.fmt(value, ".2f", pct=True)
@@ -48,7 +51,8 @@ def _header(results: dict) -> list[str]:
              f"- uptraining: {s['uptrain_tokens']} tokens per run, seq {s['seq_len']}, micro-batch "
              f"{s['micro_batch_size']}, peak lr {s.get('uptrain_lr', 6e-4):g}, shards {', '.join(s['train_shards'])}",
              f"- conversion init: `{s.get('init', 'mean')}` for the main runs (every row states its own)",
-             f"- zero-shot tasks: {'limit ' + str(s['limit']) + ' per task' if s['limit'] else 'full sets'}; "
+             f"- evaluated in {results.get('eval_dtype', OLD_EVAL_DTYPE)}; zero-shot tasks: "
+             f"{'limit ' + str(s['limit']) + ' per task' if s['limit'] else 'full sets'}; "
              f"perplexity windows of {s['seq_len']} tokens, Gutenberg validation's first "
              f"{_num(s.get('ppl_max_tokens'), 0)} tokens" + ("" if s.get("wikitext_words", True) else
                                                                "; WikiText-2 word perplexity not computed")]

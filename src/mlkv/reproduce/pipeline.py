@@ -44,7 +44,7 @@ from pathlib import Path
 from mlkv.checkpoints import atomic_json, atomic_write, clean_stale_temps_under, folder_lock
 from mlkv.model.convert import DEFAULT_INIT
 from mlkv.reproduce.config import Settings, check_settings, resolve_settings, source_of
-from mlkv.reproduce.evaluate import stage_eval
+from mlkv.reproduce.evaluate import eval_dtype, stage_eval
 from mlkv.reproduce.log import mark_done, read_done, say
 from mlkv.reproduce.markdown import render_report
 from mlkv.reproduce.report import build_results
@@ -277,6 +277,7 @@ def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dic
     results = build_results(s, out, evals, train_dirs, bench, seconds=time.time() - started, command=command,
                             git_commit=_git_commit(), card=_card())
     results["disk_bytes"] = disk_bytes(out)  # all but results.json and report.md themselves (a few kB)
+    results["eval_dtype"] = eval_dtype(s)
     atomic_json(out / "results.json", results)
     return atomic_write(out / "report.md", render_report(results))
 
