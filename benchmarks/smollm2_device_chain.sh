@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # One H200 lease, calls back to back (benchmarks/smollm2_device_chain.md says why and what each carries):
-#   1. carry .whl .carry/c1   bash benchmarks/smollm2_device_chain.sh install   (wheels, GGUF part 0, GPU tests)
+#   1. carry .whl .carry/c1   bash benchmarks/smollm2_device_chain.sh install   (wheels, GGUF part 0, versions)
 #   2. carry .carry/c2        bash benchmarks/smollm2_device_chain.sh part2     (GGUF part 1, data but train_00)
 #   3. carry .carry/c3        bash benchmarks/smollm2_device_chain.sh launch    (GGUF part 2, train_00; starts the run)
 #   4. (no carry)             bash benchmarks/smollm2_device_chain.sh wait      (repeat until it prints "finished")
 #   5. (no carry)             bash benchmarks/smollm2_device_chain.sh bench     (the same run again with the bench)
-#   6. (no carry)             bash benchmarks/smollm2_device_chain.sh collect   (report, results, plots, logs to $OUT)
+#   6. (no carry)             bash benchmarks/smollm2_device_chain.sh collect   (report so far, results, plots, logs to $OUT)
 #   7. if device time is left: bash benchmarks/smollm2_device_chain.sh kernel   (GPU tests, decode-kernel benchmark)
 # The first pass runs --no-bench, so that the report exists even if the lease ends during the bench.
 # The run itself is started with setsid, so it outlives each 10-minute call; the calls only carry data and wait.
@@ -58,7 +58,9 @@ wait)
     alive && echo "still running ($(( $(date +%s) - t0 )) s waited)" || echo "finished"
     exec bash "$0" collect  # every call brings back what exists so far, in case the lease ends
     ;;
-collect)
+collect)  # the report of what exists so far (safe beside the live run), then everything but weights
+    (cd /root && python3 -m mlkv reproduce --base $GG --out /root/r --data-dir $DATA $RUN_ARGS --report-only \
+        > /root/report_only.log 2>&1) || tail -5 /root/report_only.log
     tar czf $OUT/r.tgz --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.bin' --exclude=token_cache \
         --exclude='*samples*' --exclude='*.jsonl.xz' -C /root r
     cp /root/log.txt $OUT/log.txt; cp /root/r/report.md /root/r/results.json $OUT/ 2>/dev/null; ls -l $OUT; du -sh /root/r

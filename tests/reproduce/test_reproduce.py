@@ -59,6 +59,16 @@ def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     log = capsys.readouterr().out
     assert "base: done, skipping" in log
     assert "uptrain:" not in log and "eval:" not in log
+    # a run cut short (here: one evaluation lost) still gets its report, and --report-only runs nothing
+    (out / "eval" / "MLKV-2-distill.json").unlink()
+    reproduce(small(out, tasks=["lambada_openai", "piqa"], init_comparison=["mean", "first", "lsq"],
+                    report_only=True))
+    log = capsys.readouterr().out
+    assert "report only: 6 evaluations, 6 finished trainings, no benchmark" in log and "eval:" not in log
+    assert "MLKV-2-distill" not in {r["run"] for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert not (out / "eval" / "MLKV-2-distill.json").exists()
+    text = (out / "report.md").read_text()  # what the run recorded: card, dtype, time over its invocations
+    assert "- card: CPU\n" in text and "- evaluation dtype: float32;" in text and "- time: not recorded" not in text
 
 
 @needs_data
@@ -256,3 +266,25 @@ def test_a_rerun_removes_what_a_killed_run_left_half_written_anywhere_in_its_fol
         reproduce(small(out))
     assert not any(path.exists() for path in stale)
     assert capsys.readouterr().err.count("left by an interrupted earlier run") == 2
+
+
+def test_report_only_on_a_folder_with_nothing_finished_says_not_measured_and_reads_no_data(tmp_path, capsys):
+    out = tmp_path / "run"
+    report = reproduce(Settings.smoke_settings(str(out), data_dir=str(tmp_path / "no-data"), plans=["MLKV-2"],
+                                               report_only=True))
+    log = capsys.readouterr().out
+    assert "report only: 0 evaluations, 0 finished trainings, no benchmark" in log
+    text = report.read_text()
+    assert "No uptrained model was evaluated." in text and "not measured" in text
+    assert "- card: not recorded\n- time: not recorded" in text and "- evaluation dtype: not recorded;" in text
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["report.md", "results.json", "settings.json"]
+
+
+@needs_data
+def test_report_only_runs_beside_a_live_run_holding_the_folder(tmp_path, capsys):
+    from mlkv.checkpoints import folder_lock
+
+    out = tmp_path / "run"
+    with folder_lock(out, "mlkv reproduce"):  # the live run
+        reproduce(small(out, report_only=True))
+    assert "report only: 0 evaluations" in capsys.readouterr().out and (out / "report.md").is_file()

@@ -9,7 +9,8 @@ FLAGS = ["--out", "--smoke", "--data-dir", "--base", "--hidden-size", "--seq-len
          "--base-tokens", "--uptrain-tokens", "--train-shards", "--tasks", "--limit", "--ppl-limit", "--plans",
          "--no-bench", "--eval-batch-size", "--eval-workers", "--init-seeds", "--uptrain-lr", "--distill-hidden",
          "--compile", "--device", "--init", "--init-plans", "--init-comparison", "--step0", "--distill-plans",
-         "--keep-checkpoints", "--no-keep-checkpoints", "--val-points", "--checkpoints", "--eval-dtype"]
+         "--keep-checkpoints", "--no-keep-checkpoints", "--val-points", "--checkpoints", "--eval-dtype",
+         "--report-only"]
 
 
 def _parser():

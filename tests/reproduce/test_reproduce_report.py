@@ -97,8 +97,8 @@ def test_report_renders_step_0_uptrained_findings_gap_and_published(smol_run):
     s, rows, by_run = smol_run
     text = render_report(_results(s, rows, by_run, eval_dtype="bfloat16"))
     assert "- disk: 3.20 GB in the run folder (finished runs keep their final model only)" in text
-    assert "- evaluated in bfloat16; zero-shot tasks: full sets;" in text
-    assert "- evaluated in the checkpoints' own dtype;" in render_report(_results(s, rows, by_run))  # older results
+    assert "- evaluation dtype: bfloat16; zero-shot tasks: full sets;" in text
+    assert "- evaluation dtype: the checkpoints' own dtype;" in render_report(_results(s, rows, by_run))  # older results
     assert "## The original and its conversions before training (step 0)" in text
     assert "| 6x1-step0 | 6x1 | pairwise | 6 | 1,536 | 30,000.00 |" in text
     assert "| base | 30x3 | (original) | 90 | 23,040 | 30.00 |" in text

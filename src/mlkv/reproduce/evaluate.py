@@ -15,7 +15,7 @@ from mlkv.reproduce.config import Settings
 from mlkv.reproduce.log import say
 from mlkv.reproduce.runs import task_runs
 
-__all__ = ["eval_one", "eval_dtype", "gutenberg_perplexity", "eval_workers", "stage_eval"]
+__all__ = ["eval_one", "eval_dtype", "card_name", "gutenberg_perplexity", "eval_workers", "stage_eval"]
 
 
 def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> None:
@@ -38,6 +38,7 @@ def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> No
                                      max_tokens=s.ppl_max_tokens if s.smoke else None,
                                      document_level=s.wikitext_words),
     }
+    res["mlkv"]["evaluated_on"] = {"card": card_name(), "dtype": str(model.dtype).removeprefix("torch.")}
     save_results(res, path)
 
 
@@ -51,6 +52,13 @@ def eval_dtype(s: Settings) -> str:
         return s.eval_dtype
     device = s.device or ("cuda" if _cuda() else "cpu")
     return "bfloat16" if device.startswith("cuda") else "float32"
+
+
+def card_name() -> str:
+    """The GPU this process computes on, or ``CPU``."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
 
 def _cuda() -> bool:

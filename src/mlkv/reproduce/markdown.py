@@ -42,7 +42,7 @@ def _header(results: dict) -> list[str]:
     original = (f"`{s['base']}` ({src.get('kind')}), converted as it is: {shape}" if real else
                 f"pretrained here on Gutenberg, {s['base_tokens']} tokens: {shape}, hidden {s['hidden_size']}")
     disk = results.get("disk_bytes")
-    lines = [f"- card: {results['card']}", f"- time: {results['seconds'] / 60:.1f} min",
+    lines = [f"- card: {results['card']}", f"- time: {results['seconds'] / 60:.1f} min" if results.get("seconds") is not None else "- time: not recorded",
              f"- disk: {disk / 1e9:.2f} GB in the run folder" + ("" if s.get("keep_checkpoints") else
                                                                   " (finished runs keep their final model only)")
              if disk is not None else "- disk: not measured",
@@ -51,7 +51,7 @@ def _header(results: dict) -> list[str]:
              f"- uptraining: {s['uptrain_tokens']} tokens per run, seq {s['seq_len']}, micro-batch "
              f"{s['micro_batch_size']}, peak lr {s.get('uptrain_lr', 6e-4):g}, shards {', '.join(s['train_shards'])}",
              f"- conversion init: `{s.get('init', 'mean')}` for the main runs (every row states its own)",
-             f"- evaluated in {results.get('eval_dtype', OLD_EVAL_DTYPE)}; zero-shot tasks: "
+             f"- evaluation dtype: {results.get('eval_dtype', OLD_EVAL_DTYPE)}; zero-shot tasks: "
              f"{'limit ' + str(s['limit']) + ' per task' if s['limit'] else 'full sets'}; "
              f"perplexity windows of {s['seq_len']} tokens, Gutenberg validation's first "
              f"{_num(s.get('ppl_max_tokens'), 0)} tokens" + ("" if s.get("wikitext_words", True) else

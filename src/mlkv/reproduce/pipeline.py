@@ -44,7 +44,7 @@ from pathlib import Path
 from mlkv.checkpoints import atomic_json, atomic_write, clean_stale_temps_under, folder_lock
 from mlkv.model.convert import DEFAULT_INIT
 from mlkv.reproduce.config import Settings, check_settings, resolve_settings, source_of
-from mlkv.reproduce.evaluate import eval_dtype, stage_eval
+from mlkv.reproduce.evaluate import card_name, eval_dtype, stage_eval
 from mlkv.reproduce.log import mark_done, read_done, say
 from mlkv.reproduce.markdown import render_report
 from mlkv.reproduce.report import build_results
@@ -272,12 +272,20 @@ def stage_bench(s: Settings, out: Path, trained: dict[str, Path], base: Path) ->
 
 
 def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dict[str, Path],
-                 bench: dict | None, started: float, command: str) -> Path:
-    """``results.json``, ``report.md`` and the plots, from every evaluation (and the benchmark, if it ran)."""
-    results = build_results(s, out, evals, train_dirs, bench, seconds=time.time() - started, command=command,
-                            git_commit=_git_commit(), card=_card())
+                 bench: dict | None, started: float | None, command: str) -> Path:
+    """``results.json``, ``report.md`` and the plots, from every evaluation (and the benchmark, if it ran).
+    ``started`` None (``--report-only``): the card, dtype and time are what the run recorded, not this process's."""
+    if started is None:
+        recorded = [e.get("mlkv", {}).get("evaluated_on", {}) for e in evals.values()]
+        card = ", ".join(sorted({r["card"] for r in recorded if "card" in r})) or "not recorded"
+        dtype = ", ".join(sorted({r["dtype"] for r in recorded if "dtype" in r})) or "not recorded"
+        seconds = _earlier_seconds(out) if (out / "timing.json").is_file() else None
+    else:
+        card, dtype, seconds = card_name(), eval_dtype(s), time.time() - started
+    results = build_results(s, out, evals, train_dirs, bench, seconds=seconds, command=command,
+                            git_commit=_git_commit(), card=card)
     results["disk_bytes"] = disk_bytes(out)  # all but results.json and report.md themselves (a few kB)
-    results["eval_dtype"] = eval_dtype(s)
+    results["eval_dtype"] = dtype
     atomic_json(out / "results.json", results)
     return atomic_write(out / "report.md", render_report(results))
 
@@ -293,12 +301,6 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _card() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-
-
 # ---- all stages -------------------------------------------------------------------------------------------------
 def _stages(s: Settings, data: Path, out: Path, started: float, command: str) -> Path:
     base = stage_base(s, data, out)
@@ -310,14 +312,39 @@ def _stages(s: Settings, data: Path, out: Path, started: float, command: str) ->
     return stage_report(s, out, evals, trained, bench, started, command)
 
 
+def _earlier_seconds(out: Path) -> float:
+    """Wall time of the earlier invocations into ``out`` (``timing.json``)."""
+    path = out / "timing.json"
+    return json.loads(path.read_text())["earlier_seconds"] if path.is_file() else 0.0
+
+
+def _report_from_what_exists(s: Settings, out: Path, command: str) -> Path:
+    """``--report-only``: the report of the finished trainings, evaluations and benchmark in ``out``, running
+    nothing (a run cut short, e.g. by the end of a GPU lease, still gets its report; a live run's progress too)."""
+    evals = {p.stem: json.loads(p.read_text()) for p in sorted((out / "eval").glob("*.json"))}
+    trained = {r["name"]: out / "uptrain" / r["name"] for r in planned_runs(s)
+               if read_done(out / "uptrain" / r["name"])}
+    bench_path = out / "bench" / "bench.json"
+    bench = json.loads(bench_path.read_text()) if bench_path.is_file() else None
+    say(f"report only: {len(evals)} evaluations, {len(trained)} finished trainings, "
+        f"{'a' if bench else 'no'} benchmark")
+    return stage_report(s, out, evals, trained, bench, None, command)
+
+
 def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
     """Run every stage into ``s.out`` (finished ones are skipped) and return the report's path. Every setting and
     input is checked first."""
-    started = time.time()
     s = resolve_settings(s)
+    out = Path(s.out)
+    if s.report_only:  # reads the folder (no data) and writes only the report, atomically: safe beside a live run
+        out.mkdir(parents=True, exist_ok=True)
+        check_settings(s, out)
+        report = _report_from_what_exists(s, out, command)
+        say(f"report: {report}")
+        return report
+    started = time.time()
     data = resolve_data_dir(s.data_dir)
     check_inputs(s, data)
-    out = Path(s.out)
     out.mkdir(parents=True, exist_ok=True)
     # The whole run holds the output folder's lock: a second `mlkv reproduce --out` the same folder gets a named
     # error, and what a killed earlier run left half-written anywhere inside is removed first.
@@ -329,7 +356,7 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
 def _run_locked(s: Settings, data: Path, out: Path, started: float, command: str) -> Path:
     check_settings(s, out)
     timing_path = out / "timing.json"
-    earlier = json.loads(timing_path.read_text())["earlier_seconds"] if timing_path.is_file() else 0.0
+    earlier = _earlier_seconds(out)
     # A run stopped by SIGTERM (`timeout`, a scheduler) still adds its time: SystemExit runs the `finally` below.
     on_term = signal.getsignal(signal.SIGTERM)
     main_thread = threading.current_thread() is threading.main_thread()  # only it may install handlers
