@@ -11,7 +11,7 @@
 # The run itself is started with setsid, so it outlives each 10-minute call; the calls only carry data and wait.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:/root/mlkv-src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-STEP=${1:?usage: $0 install|part2|launch|wait|collect}
+STEP=${1:?usage: $0 install|part2|launch|wait|bench|collect|kernel}
 DATA=/root/data; GG=/root/SmolLM2-135M-Instruct.Q4_1.gguf
 RUN_ARGS=${RUN_ARGS:---plans 30x3 30x1 10x3 6x1 1x1 --distill-plans 6x1 --uptrain-tokens 15M --train-shards train_00.jsonl.xz --val-points 4 --step0 ppl --tasks arc_easy lambada_openai piqa sciq --eval-workers 11 --eval-batch-size 32 --checkpoints 0}
 
@@ -44,7 +44,9 @@ bench)
     exec bash "$0" start
     ;;
 start)  # (internal) start the run in its own process session, then wait for it
-    shift; echo "starting: mlkv reproduce --base $GG --out /root/r --data-dir $DATA $RUN_ARGS $*"
+    shift
+    if pgrep -f 'mlkv reproduce --base' > /dev/null; then echo "a run is still going: wait for it first"; exit 1; fi
+    echo "starting: mlkv reproduce --base $GG --out /root/r --data-dir $DATA $RUN_ARGS $*"
     (cd /root && MLKV_GIT_COMMIT=${MLKV_GIT_COMMIT:-unknown} setsid nohup python3 -m mlkv reproduce --base $GG --out /root/r \
         --data-dir $DATA $RUN_ARGS "$@" >> /root/log.txt 2>&1 < /dev/null &)
     sleep 2; exec bash "$0" wait
@@ -52,17 +54,19 @@ start)  # (internal) start the run in its own process session, then wait for it
 wait)
     alive() { pgrep -f 'mlkv reproduce --base' > /dev/null; }
     t0=$(date +%s)
-    while alive && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-530} ]; do sleep 5; done
+    while alive && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-500} ]; do sleep 5; done
     tr '\r' '\n' < /root/log.txt | grep -v '^\s*$' | tail -60
     nvidia-smi --query-gpu=memory.used,utilization.gpu --format=csv,noheader
-    alive && echo "still running ($(( $(date +%s) - t0 )) s waited)" || echo "finished"
+    if alive; then echo "still running ($(( $(date +%s) - t0 )) s waited)"
+    elif tail -3 /root/log.txt | grep -q 'report: /root/r/report.md'; then echo "finished"
+    else echo "stopped without its report: see the log"; fi
     exec bash "$0" collect  # every call brings back what exists so far, in case the lease ends
     ;;
 collect)  # the report of what exists so far (safe beside the live run), then everything but weights
     (cd /root && python3 -m mlkv reproduce --base $GG --out /root/r --data-dir $DATA $RUN_ARGS --report-only \
         > /root/report_only.log 2>&1) || tail -5 /root/report_only.log
     tar czf $OUT/r.tgz --exclude='*.safetensors' --exclude='*.pt' --exclude='*.npy' --exclude='*.bin' --exclude=token_cache \
-        --exclude='*samples*' --exclude='*.jsonl.xz' -C /root r
+        --exclude='*samples*' --exclude='*.jsonl.xz' --exclude=lm_eval_requests -C /root r
     cp /root/log.txt $OUT/log.txt; cp /root/r/report.md /root/r/results.json $OUT/ 2>/dev/null; ls -l $OUT; du -sh /root/r
     ;;
 esac

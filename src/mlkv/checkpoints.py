@@ -237,7 +237,9 @@ def clean_stale_temps(dst: str | os.PathLike) -> list[Path]:
 def clean_stale_temps_under(folder: str | os.PathLike) -> list[Path]:
     """``clean_stale_temps`` for every file and folder anywhere under ``folder``: the hidden ``.<name>.tmp-*``
     leftovers of writers killed inside it. Call it only while holding ``folder_lock(folder)`` in a program whose
-    every writer under ``folder`` holds that lock too (``mlkv reproduce``). Says what it removed."""
+    writers under ``folder`` all work for the lock's holder (``mlkv reproduce`` and its evaluation processes), so
+    that none is alive when a new holder starts (an orphaned evaluation process of a killed run could still be:
+    its lost result file is made again). Says what it removed."""
     stale = sorted(p for p in Path(folder).rglob(".*.tmp-*") if p.exists())
     for path in stale:
         if path.exists():  # not inside a stale folder removed just before

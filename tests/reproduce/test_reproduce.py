@@ -268,16 +268,42 @@ def test_a_rerun_removes_what_a_killed_run_left_half_written_anywhere_in_its_fol
     assert capsys.readouterr().err.count("left by an interrupted earlier run") == 2
 
 
+def _made(settings: Settings, out) -> Settings:
+    """``settings`` as a run into ``out`` records them before its first stage."""
+    from mlkv.reproduce.config import check_settings, resolve_settings
+
+    s = resolve_settings(settings)
+    out.mkdir(parents=True, exist_ok=True)
+    check_settings(s, out)
+    return settings
+
+
 def test_report_only_on_a_folder_with_nothing_finished_says_not_measured_and_reads_no_data(tmp_path, capsys):
     out = tmp_path / "run"
-    report = reproduce(Settings.smoke_settings(str(out), data_dir=str(tmp_path / "no-data"), plans=["MLKV-2"],
-                                               report_only=True))
+    settings = Settings.smoke_settings(str(out), data_dir=str(tmp_path / "no-data"), plans=["MLKV-2"],
+                                       report_only=True)
+    with pytest.raises(FileNotFoundError, match=r"--out .*run: no run there \(no settings.json\)"):
+        reproduce(settings)
+    report = reproduce(_made(settings, out))
     log = capsys.readouterr().out
     assert "report only: 0 evaluations, 0 finished trainings, no benchmark" in log
     text = report.read_text()
     assert "No uptrained model was evaluated." in text and "not measured" in text
-    assert "- card: not recorded\n- time: not recorded" in text and "- evaluation dtype: not recorded;" in text
+    assert "- card: not recorded\n- time: not recorded" in text and "- evaluation dtype: no evaluation;" in text
     assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["report.md", "results.json", "settings.json"]
+
+
+def test_report_only_from_the_command_line_prints_its_json_line_without_a_recorded_time(tmp_path, capsys):
+    from mlkv.cli import main
+
+    out = tmp_path / "run"
+    argv = ["reproduce", "--smoke", "--out", str(out), "--data-dir", str(tmp_path), "--plans", "MLKV-2",
+            "--report-only"]
+    assert main(argv) == 2 and "no run there" in capsys.readouterr().err
+    _made(Settings.smoke_settings(str(out), data_dir=str(tmp_path), plans=["MLKV-2"]), out)
+    assert main(argv) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["seconds"] is None and last["rows"] == 0
 
 
 @needs_data
@@ -286,5 +312,5 @@ def test_report_only_runs_beside_a_live_run_holding_the_folder(tmp_path, capsys)
 
     out = tmp_path / "run"
     with folder_lock(out, "mlkv reproduce"):  # the live run
-        reproduce(small(out, report_only=True))
+        reproduce(_made(small(out, report_only=True), out))
     assert "report only: 0 evaluations" in capsys.readouterr().out and (out / "report.md").is_file()

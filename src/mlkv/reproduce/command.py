@@ -42,7 +42,9 @@ def run_reproduce_command(args: argparse.Namespace) -> int:
     report = reproduce(s, command="mlkv " + " ".join(sys.argv[1:]))
     results = json.loads((Path(s.out) / "results.json").read_text())
     print(report.read_text())
-    print(json.dumps({"report": str(report), "rows": len(results["rows"]), "seconds": round(results["seconds"], 1),
+    seconds = results["seconds"]  # None: --report-only on a run that recorded no time yet
+    print(json.dumps({"report": str(report), "rows": len(results["rows"]),
+                      "seconds": None if seconds is None else round(seconds, 1),
                       "disk_gb": round(results["disk_bytes"] / 1e9, 3), "findings": {
                           k: v.get("verdict") for k, v in results["findings"].items()},
                       "distillation_gap": {plan: {m: (g["control"] or {}).get("fraction_closed") for m, g in v.items()}

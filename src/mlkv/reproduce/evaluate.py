@@ -38,7 +38,7 @@ def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> No
                                      max_tokens=s.ppl_max_tokens if s.smoke else None,
                                      document_level=s.wikitext_words),
     }
-    res["mlkv"]["evaluated_on"] = {"card": card_name(), "dtype": str(model.dtype).removeprefix("torch.")}
+    res["mlkv"]["evaluated_on"] = {"card": card_name(s.device), "dtype": str(model.dtype).removeprefix("torch.")}
     save_results(res, path)
 
 
@@ -54,11 +54,12 @@ def eval_dtype(s: Settings) -> str:
     return "bfloat16" if device.startswith("cuda") else "float32"
 
 
-def card_name() -> str:
-    """The GPU this process computes on, or ``CPU``."""
+def card_name(device: str | None = None) -> str:
+    """The GPU that ``device`` (default: CUDA when available) names, or ``CPU``."""
     import torch
 
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "CPU"
 
 
 def _cuda() -> bool:

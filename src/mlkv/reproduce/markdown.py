@@ -42,7 +42,7 @@ def _header(results: dict) -> list[str]:
     original = (f"`{s['base']}` ({src.get('kind')}), converted as it is: {shape}" if real else
                 f"pretrained here on Gutenberg, {s['base_tokens']} tokens: {shape}, hidden {s['hidden_size']}")
     disk = results.get("disk_bytes")
-    lines = [f"- card: {results['card']}", f"- time: {results['seconds'] / 60:.1f} min" if results.get("seconds") is not None else "- time: not recorded",
+    lines = [f"- card: {results['card']}", _time(results.get("seconds")),
              f"- disk: {disk / 1e9:.2f} GB in the run folder" + ("" if s.get("keep_checkpoints") else
                                                                   " (finished runs keep their final model only)")
              if disk is not None else "- disk: not measured",
@@ -57,6 +57,10 @@ def _header(results: dict) -> list[str]:
              f"{_num(s.get('ppl_max_tokens'), 0)} tokens" + ("" if s.get("wikitext_words", True) else
                                                                "; WikiText-2 word perplexity not computed")]
     return lines
+
+
+def _time(seconds: float | None) -> str:
+    return f"- time: {seconds / 60:.1f} min" if seconds is not None else "- time: not recorded"
 
 
 def _tables(results: dict) -> list[str]:

@@ -44,9 +44,9 @@ from pathlib import Path
 from mlkv.checkpoints import atomic_json, atomic_write, clean_stale_temps_under, folder_lock
 from mlkv.model.convert import DEFAULT_INIT
 from mlkv.reproduce.config import Settings, check_settings, resolve_settings, source_of
-from mlkv.reproduce.evaluate import card_name, eval_dtype, stage_eval
+from mlkv.reproduce.evaluate import card_name, stage_eval
 from mlkv.reproduce.log import mark_done, read_done, say
-from mlkv.reproduce.markdown import render_report
+from mlkv.reproduce.markdown import OLD_EVAL_DTYPE, render_report
 from mlkv.reproduce.report import build_results
 from mlkv.reproduce.runs import conversions, planned_runs, step0_runs
 from mlkv.training.outdir import has_checkpoint
@@ -85,11 +85,15 @@ def check_inputs(s: Settings, data: Path) -> None:
 
 
 def disk_bytes(folder: Path) -> int:
-    """Bytes the files under ``folder`` take on disk (allocated blocks, links not followed)."""
+    """Bytes the files under ``folder`` take on disk (allocated blocks, links not followed; a file that a live run
+    renames or removes meanwhile is skipped)."""
     total = 0
     for root, _, files in os.walk(folder):
         for name in files:
-            st = os.lstat(os.path.join(root, name))
+            try:
+                st = os.lstat(os.path.join(root, name))
+            except FileNotFoundError:
+                continue
             total += getattr(st, "st_blocks", 0) * 512 or st.st_size
     return total
 
@@ -133,7 +137,8 @@ def stage_base(s: Settings, data: Path, out: Path) -> Path:
 
 
 def _finish_training(s: Settings, folder: Path, summary: dict, info: dict) -> None:
-    """Mark a training run done -- unless a signal stopped it -- and drop its checkpoint. ``train`` takes
+    """Mark a training run done -- unless a signal stopped it -- and drop its checkpoint unless
+    ``--keep-checkpoints`` (the marker records which, for a rerun after a kill in between). ``train`` takes
     SIGTERM/SIGINT itself to save a checkpoint and returns; the run is then left unfinished for the next invocation
     to resume, and the pipeline stops with the signal's exit code."""
     if summary.get("interrupted"):
@@ -274,14 +279,15 @@ def stage_bench(s: Settings, out: Path, trained: dict[str, Path], base: Path) ->
 def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dict[str, Path],
                  bench: dict | None, started: float | None, command: str) -> Path:
     """``results.json``, ``report.md`` and the plots, from every evaluation (and the benchmark, if it ran).
-    ``started`` None (``--report-only``): the card, dtype and time are what the run recorded, not this process's."""
+    The dtype is what each evaluation recorded; with ``started`` None (``--report-only``) the card and time are
+    also what the run recorded, not this process's."""
+    recorded = [e.get("mlkv", {}).get("evaluated_on", {}) for e in evals.values()]
+    dtype = ", ".join(sorted({r.get("dtype", OLD_EVAL_DTYPE) for r in recorded})) or "no evaluation"
     if started is None:
-        recorded = [e.get("mlkv", {}).get("evaluated_on", {}) for e in evals.values()]
         card = ", ".join(sorted({r["card"] for r in recorded if "card" in r})) or "not recorded"
-        dtype = ", ".join(sorted({r["dtype"] for r in recorded if "dtype" in r})) or "not recorded"
         seconds = _earlier_seconds(out) if (out / "timing.json").is_file() else None
     else:
-        card, dtype, seconds = card_name(), eval_dtype(s), time.time() - started
+        card, seconds = card_name(s.device), time.time() - started
     results = build_results(s, out, evals, train_dirs, bench, seconds=seconds, command=command,
                             git_commit=_git_commit(), card=card)
     results["disk_bytes"] = disk_bytes(out)  # all but results.json and report.md themselves (a few kB)
@@ -337,7 +343,9 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
     s = resolve_settings(s)
     out = Path(s.out)
     if s.report_only:  # reads the folder (no data) and writes only the report, atomically: safe beside a live run
-        out.mkdir(parents=True, exist_ok=True)
+        if not (out / "settings.json").is_file():
+            raise FileNotFoundError(f"--out {out}: no run there (no settings.json); --report-only reports on the "
+                                    "folder of an earlier or running `mlkv reproduce`, given its flags")
         check_settings(s, out)
         report = _report_from_what_exists(s, out, command)
         say(f"report: {report}")
