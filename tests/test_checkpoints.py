@@ -120,3 +120,23 @@ def test_a_folder_with_a_config_but_no_weights_is_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="config.json but no weights"):
         require_checkpoint(tmp_path, "--model")
+
+
+def test_a_waiting_taker_blocks_until_the_holder_is_done_then_holds_the_lock(tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(SRC)!r})
+        from mlkv.checkpoints import folder_lock
+        with folder_lock({str(tmp_path / 'cache')!r}, "mlkv tokenize"):
+            print("locked", flush=True)
+            time.sleep(1.5)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        started = time.monotonic()
+        with folder_lock(tmp_path / "cache", wait=True):
+            assert time.monotonic() - started > 1.0  # it waited for the holder's block to end
+    finally:
+        holder.kill()
+        holder.wait()
+    assert f"waiting for {tmp_path / 'cache'}, in use by pid {holder.pid}" in capsys.readouterr().err

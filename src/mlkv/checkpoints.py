@@ -181,17 +181,18 @@ def _lock_path(folder: Path) -> Path:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, command: str = "mlkv") -> Iterator[Path]:
+def folder_lock(folder: str | os.PathLike, command: str = "mlkv", wait: bool = False) -> Iterator[Path]:
     """Hold an exclusive OS lock on ``folder`` (existing or not) while the block runs.
 
     The lock is ``flock`` on ``.<name>.lock`` beside the folder: the kernel releases it when the holder exits, even
     by ``kill -9``, so a lock never goes stale. A second writer gets a ``FolderInUseError`` naming the holder's
-    pid, command and start time. The holder removes the file when it is done; a taker checks that the file it
-    locked is still the one at the path (the usual unlink race), so two processes never both hold it."""
+    pid, command and start time, or with ``wait`` blocks until the holder is done (saying so on stderr). The holder
+    removes the file when it is done; a taker checks that the file it locked is still the one at the path (the
+    usual unlink race), so two processes never both hold it."""
     folder = Path(folder).expanduser().absolute()
     folder.parent.mkdir(parents=True, exist_ok=True)
     path = _lock_path(folder)
-    fd = _take_lock(path, folder)
+    fd = _take_lock(path, folder, wait)
     try:
         info = (f"pid {os.getpid()} on {socket.gethostname()} ({command}, started "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
@@ -204,16 +205,20 @@ def folder_lock(folder: str | os.PathLike, command: str = "mlkv") -> Iterator[Pa
         os.close(fd)  # releases the lock
 
 
-def _take_lock(path: Path, folder: Path) -> int:
+def _take_lock(path: Path, folder: Path, wait: bool = False) -> int:
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            os.close(fd)
-            raise FolderInUseError(f"{folder} is in use by {holder}; wait for it to finish or choose another "
-                                   "output folder") from None
+            if wait:
+                print(f"mlkv: waiting for {folder}, in use by {holder}", file=sys.stderr, flush=True)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            else:
+                os.close(fd)
+                raise FolderInUseError(f"{folder} is in use by {holder}; wait for it to finish or choose another "
+                                       "output folder") from None
         try:
             if os.fstat(fd).st_ino == os.stat(path).st_ino:
                 return fd

@@ -15,7 +15,6 @@ lose its EOS); ``meta["truncated_tokens"]`` says how many of its tokens were cut
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -31,7 +30,7 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from mlkv.checkpoints import atomic_write
+from mlkv.checkpoints import atomic_write, folder_lock
 from mlkv.data.sources import HFSource, ReadStats, is_hf_source, list_source_files, read_sources
 from mlkv.data.tokenizer import encode_texts, fingerprint, load_tokenizer, resolve_eos_id
 
@@ -250,23 +249,13 @@ def build_token_store(
 
 @contextlib.contextmanager
 def _build_lock(folder: Path) -> Iterator[None]:
-    """Build a cache folder one process at a time: an exclusive ``flock`` on ``.<folder>.lock`` beside it (the
-    kernel releases it when the holder dies) that a second builder waits for. Temporary files a killed builder left
-    in the folder are removed first."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(folder.parent / f".{folder.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logger.info("waiting for another process that is tokenizing into %s", folder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    """Build a cache folder one process at a time: ``mlkv.checkpoints.folder_lock`` that a second builder waits
+    for. Temporary files a killed builder left in the folder are removed first."""
+    with folder_lock(folder, "mlkv tokenize", wait=True):
         for stale in sorted(folder.glob(".*.tmp-*")):
             stale.unlink(missing_ok=True)
             logger.warning("removed %s, left by an interrupted earlier tokenization", stale)
         yield
-    finally:
-        os.close(fd)
 
 
 def _build(paths: _CachePaths, key_payload: dict[str, Any], tokenizer: Tokenizer, tokenizer_path: str,
