@@ -83,15 +83,20 @@ def test_the_tree_sweep_removes_every_hidden_temporary_under_a_folder_and_nothin
     assert capsys.readouterr().err.count("left by an interrupted earlier run") == 3
 
 
-def test_a_second_writer_gets_a_named_error_while_the_first_holds_the_lock(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+def _holder(folder: Path, command: str, seconds: float) -> subprocess.Popen:
+    """Another process that holds ``folder_lock(folder)`` for ``seconds`` (it prints "locked" once it does)."""
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(SRC)!r})
         from mlkv.checkpoints import folder_lock
-        with folder_lock({str(tmp_path / 'run')!r}, "mlkv train"):
+        with folder_lock({str(folder)!r}, {command!r}):
             print("locked", flush=True)
-            time.sleep(60)
+            time.sleep({seconds})
         """)], stdout=subprocess.PIPE, text=True)
+
+
+def test_a_second_writer_gets_a_named_error_while_the_first_holds_the_lock(tmp_path):
+    holder = _holder(tmp_path / "run", "mlkv train", 60)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(FolderInUseError, match=rf"is in use by pid {holder.pid} .*\(mlkv train, started"):
@@ -123,14 +128,7 @@ def test_a_folder_with_a_config_but_no_weights_is_not_a_checkpoint(tmp_path):
 
 
 def test_a_waiting_taker_blocks_until_the_holder_is_done_then_holds_the_lock(tmp_path, capsys):
-    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-        import sys, time
-        sys.path.insert(0, {str(SRC)!r})
-        from mlkv.checkpoints import folder_lock
-        with folder_lock({str(tmp_path / 'cache')!r}, "mlkv tokenize"):
-            print("locked", flush=True)
-            time.sleep(1.5)
-        """)], stdout=subprocess.PIPE, text=True)
+    holder = _holder(tmp_path / "cache", "mlkv tokenize", 1.5)
     try:
         assert holder.stdout.readline().strip() == "locked"
         started = time.monotonic()
