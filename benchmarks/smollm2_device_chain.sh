@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One H200 lease, calls back to back (benchmarks/smollm2_device_chain.md says why and what each carries):
-#   1. carry .whl .carry/c1   bash benchmarks/smollm2_device_chain.sh install   (wheels, GGUF part 0, versions)
+#   1. carry .whl .carry/c1   bash benchmarks/smollm2_device_chain.sh install   (wheels, GGUF part 0, versions;
+#                             then the training-throughput benchmark on the SmolLM2 shape, ~6 minutes)
 #   2. carry .carry/c2        bash benchmarks/smollm2_device_chain.sh part2     (GGUF part 1, data but train_00)
 #   3. carry .carry/c3        bash benchmarks/smollm2_device_chain.sh launch    (GGUF part 2, train_00; starts the run)
 #   4. (no carry)             bash benchmarks/smollm2_device_chain.sh wait      (repeat until it prints "finished")
@@ -11,9 +12,9 @@
 # The run itself is started with setsid, so it outlives each 10-minute call; the calls only carry data and wait.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=/root/site:/root/mlkv-src HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-STEP=${1:?usage: $0 install|part2|launch|wait|bench|collect|kernel}
+STEP=${1:?usage: $0 install|throughput|part2|launch|wait|bench|collect|kernel}
 DATA=/root/data; GG=/root/SmolLM2-135M-Instruct.Q4_1.gguf
-RUN_ARGS=${RUN_ARGS:---plans 30x3 30x1 10x3 6x1 1x1 --distill-plans 6x1 --uptrain-tokens 15M --train-shards train_00.jsonl.xz --val-points 4 --step0 ppl --tasks arc_easy lambada_openai piqa sciq --eval-workers 11 --eval-batch-size 32 --checkpoints 0}
+RUN_ARGS=${RUN_ARGS:---plans 30x3 30x1 10x3 15x1 5x3 6x1 1x1 --distill-plans 10x3 6x1 --uptrain-tokens 20M --train-shards train_00.jsonl.xz --val-points 4 --step0 ppl --tasks arc_easy lambada_openai piqa sciq hellaswag --eval-workers 11 --eval-batch-size 32 --checkpoints 0}
 
 case $STEP in
 install)
@@ -22,6 +23,15 @@ install)
     rm -rf /root/mlkv-src && cp -r src /root/mlkv-src
     python3 -c "import gguf, lm_eval, datasets, transformers, torch, triton; print('transformers', transformers.__version__, 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
     nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm,clocks.mem --format=csv
+    python3 -c "import pyarrow, pandas; print('pyarrow', pyarrow.__version__, 'pandas', pandas.__version__)"
+    [ -n "${SKIP_THROUGHPUT:-}" ] || exec bash "$0" throughput
+    ;;
+throughput)  # issue 20 item 1: mlkv's loop (eager, compiled, chunked loss, distill) beside HF Trainer, SmolLM2 shape
+    TT="python3 benchmarks/train_throughput.py --preset smollm2-135m --micro-batch 32 --steps 16 --warmup 6 --plan 6x1"
+    timeout 330 $TT --seq-lens 1024 --variants eager compile compile-chunked distill --out $OUT/tt1024.json 2>&1 \
+        | grep -v '^{"variant\|Loading weights' | tail -14
+    timeout 200 $TT --seq-lens 2048 --variants compile distill --out $OUT/tt2048.json 2>&1 \
+        | grep -v '^{"variant\|Loading weights' | tail -10
     ;;
 kernel)
     PYTHONPATH=/root/site:$PWD/src timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/inference/test_decode_kernel.py tests/inference/test_engine.py tests/inference/test_bench_memory.py 2>&1 | tee $OUT/gpu_tests.txt | tail -25

@@ -1,15 +1,19 @@
-"""Training throughput: mlkv's loop vs transformers' ``Trainer``, Pythia-160M shape, seq 2048, bf16, one GPU.
+"""Training throughput: mlkv's loop vs transformers' ``Trainer``, bf16, one GPU, for one shape and several variants.
 
 Both sides train the same shape on the same random tokens (uniform ids; throughput does not depend on the text)
 with the same recipe (AdamW fused 0.9/0.95, lr 6e-4, cosine, warmup 0.2, wd 0.01, clip 1.0, bf16 autocast, SDPA
-attention, the same micro-batch): ours is ``mlkv.training.train`` on ``MLKVForCausalLM`` (preset ``pythia-160m``,
-MHA plan), compiled with ``torch.compile``; the baseline is ``Trainer`` on ``GPTNeoXForCausalLM`` with its defaults
-(no compile unless ``--hf-compile``). The MFU denominator is this card's own bf16 matmul rate, measured in the same
+attention, the same micro-batch): ours is ``mlkv.training.train`` on ``MLKVForCausalLM`` (``--preset``, default
+``pythia-160m``; ``smollm2-135m`` is SmolLM2's Llama shape), once per ``--variants`` entry (``VARIANTS``: eager or
+compiled, ``lm`` or ``distill`` from a teacher of the preset's own shape, the loss in chunks or whole); the baseline
+is ``Trainer`` on transformers' own model of the shape (``GPTNeoXForCausalLM`` or ``LlamaForCausalLM``) with its
+defaults (no compile unless ``--hf-compile``). ``--seq-lens`` repeats everything per sequence length. The MFU denominator is this card's own bf16 matmul rate, measured in the same
 call (8192^3, mean of 10 after 3 warm-ups). Model FLOPs per token: ``6 * N + 12 * L * d_attn * T`` with ``N`` the
 parameters in matrix products (all but the input embedding; ``mlkv.training.model_flops_per_token``); the JSON also
 gives ``mfu_kaplan`` with ``N`` = non-embedding parameters only (no output projection).
 
-    python benchmarks/train_throughput.py                      # GPU, ~3-5 minutes
+    python benchmarks/train_throughput.py                      # GPU, Pythia-160M, ~3-5 minutes
+    python benchmarks/train_throughput.py --preset smollm2-135m --seq-lens 1024 2048 --micro-batch 32 \
+        --variants eager compile compile-chunked distill-eager distill --plan 6x1   # SmolLM2 shape (issue 20)
     python benchmarks/train_throughput.py --quick --device cpu  # tiny shape on CPU (< 1 minute), code path only
 
 GPU runs write ``benchmarks/results/train_throughput.json``, CPU runs ``train_throughput_cpu.json``.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
+import json
 import sys
 import tempfile
 import time
@@ -98,49 +103,91 @@ def profiler_hooks(args, device) -> TrainHooks | None:
     return TrainHooks(after_step=after_step)
 
 
-def run_ours(args, device, shape: dict, peak: float) -> dict:
+#: Our side's variants: TrainConfig fields per name. ``distill`` trains the ``--plan`` student against a teacher of
+#: the preset's shape (KL + hidden-state distance, the defaults), the way ``mlkv reproduce`` distils a conversion.
+VARIANTS: dict[str, dict] = {
+    "eager": dict(compile=False),
+    "compile": dict(compile=True),
+    "compile-chunked": dict(compile=True, loss_chunk_tokens=8192),
+    "distill-eager": dict(compile=False, objective="distill"),
+    "distill": dict(compile=True, objective="distill"),
+    "distill-whole": dict(compile=True, objective="distill", loss_chunk_tokens=0),
+}
+
+
+def save_teacher(args, config, folder: Path) -> str:
+    """A random model of the preset's own shape (no sharing), saved as safetensors, as the distillation teacher."""
+    from mlkv import MLKVForCausalLM
+
+    torch.manual_seed(1)
+    MLKVForCausalLM(config).save_pretrained(folder)
+    return str(folder)
+
+
+def run_ours(args, device, shape: dict, peak: float, seq_len: int, variant: str) -> dict:
     from transformers import AutoModelForCausalLM
 
     from mlkv import preset_config
 
-    tokens = random_tokens(shape["vocab_size"], args.steps * args.micro_batch + 1, args.seq_len)
-    dataset = PackedDataset(tokens, args.seq_len, seed=0)
+    tokens = random_tokens(shape["vocab_size"], args.steps * args.micro_batch + 1, seq_len)
+    dataset = PackedDataset(tokens, seq_len, seed=0)
+    fields = dict(VARIANTS[variant])
     with tempfile.TemporaryDirectory() as tmp:
+        config = preset_config(args.preset, max_position_embeddings=max(seq_len, 128))
+        if fields.get("objective") == "distill":
+            fields["teacher"] = save_teacher(args, config, Path(tmp) / "teacher")
+        student = config.with_plan(args.plan) if args.plan and fields.get("objective") == "distill" else config
         config_path = Path(tmp) / "config.json"
-        preset_config(args.preset, **({"max_position_embeddings": max(args.seq_len, 128)})).to_json_file(config_path)
-        cfg = TrainConfig(model=str(config_path), out=str(Path(tmp) / "run"), seq_len=args.seq_len,
-                          micro_batch_size=args.micro_batch, steps=args.steps, compile=args.compile,
-                          sdpa_backend=args.sdpa_backend,
+        student.to_json_file(config_path)
+        cfg = TrainConfig(model=str(config_path), out=str(Path(tmp) / "run"), seq_len=seq_len,
+                          micro_batch_size=args.micro_batch, steps=args.steps, sdpa_backend=args.sdpa_backend,
                           device=str(device), log_every=args.steps, eval_every=0, save_every=0, progress=False,
-                          tensorboard=False, peak_tflops=peak / 1e12)
+                          tensorboard=False, peak_tflops=peak / 1e12, **fields)
         summary = train(cfg, datasets=(dataset, None), hooks=profiler_hooks(args, device))
         model = AutoModelForCausalLM.from_pretrained(Path(tmp) / "run")
     times = summary["step_seconds"][args.warmup:]
     tokens_per_step = summary["tokens_per_step"]
-    result = {"tokens_per_s": tokens_per_step * len(times) / sum(times), "step_ms": 1e3 * sum(times) / len(times),
-              "compile": args.compile, "sdpa_backend": args.sdpa_backend, "first_step_s": summary["step_seconds"][0],
-              "flops_per_token": summary["flops_per_token"],
-              "flops_per_token_kaplan": kaplan_flops_per_token(model, args.seq_len),
+    result = {"variant": variant, "seq_len": seq_len, "tokens_per_s": tokens_per_step * len(times) / sum(times),
+              "step_ms": 1e3 * sum(times) / len(times), "compile": cfg.compile, "objective": cfg.objective,
+              "plan": args.plan if fields.get("objective") == "distill" else None,
+              "loss_chunk_tokens": cfg.loss_chunk_tokens, "sdpa_backend": args.sdpa_backend,
+              "first_step_s": summary["step_seconds"][0], "flops_per_token": summary["flops_per_token"],
+              "flops_per_token_kaplan": kaplan_flops_per_token(model, seq_len),
               "final_loss": summary["final_loss"], "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
 
 
-def run_hf(args, device, shape: dict) -> dict:
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, Trainer, TrainerCallback, TrainingArguments
+def hf_model(shape: dict, seq_len: int):
+    """transformers' own model of the preset's shape, random init (seed 0), SDPA attention."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM
 
-    rotary = shape.get("rope_parameters", {}).get("partial_rotary_factor", 0.25)
-    config = GPTNeoXConfig(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-                           num_hidden_layers=shape["num_hidden_layers"],
-                           num_attention_heads=shape["num_attention_heads"],
-                           intermediate_size=shape["intermediate_size"], rotary_pct=rotary,
-                           max_position_embeddings=max(args.seq_len, 128), tie_word_embeddings=False)
+    common = dict(vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+                  num_hidden_layers=shape["num_hidden_layers"], num_attention_heads=shape["num_attention_heads"],
+                  intermediate_size=shape["intermediate_size"], max_position_embeddings=max(seq_len, 128),
+                  tie_word_embeddings=shape.get("tie_word_embeddings", False))
+    rope = shape.get("rope_parameters", {})
+    if shape["flavor"] == "llama":
+        config = LlamaConfig(num_key_value_heads=shape.get("num_key_value_heads", shape["num_attention_heads"]),
+                             rms_norm_eps=shape.get("norm_eps", 1e-5),
+                             rope_parameters={"rope_type": "default", "rope_theta": rope.get("rope_theta", 1e4)},
+                             **common)
+        cls = LlamaForCausalLM
+    else:
+        config = GPTNeoXConfig(rotary_pct=rope.get("partial_rotary_factor", 0.25), **common)
+        cls = GPTNeoXForCausalLM
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = GPTNeoXForCausalLM(config)
-    tokens = torch.from_numpy(random_tokens(shape["vocab_size"], args.steps * args.micro_batch, args.seq_len, 1))
-    tokens = tokens.view(-1, args.seq_len)
+    return cls(config)
+
+
+def run_hf(args, device, shape: dict, seq_len: int) -> dict:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    model = hf_model(shape, seq_len)
+    tokens = torch.from_numpy(random_tokens(shape["vocab_size"], args.steps * args.micro_batch, seq_len, 1))
+    tokens = tokens.view(-1, seq_len)  # (sequences, T)
 
     class Data(torch.utils.data.Dataset):
         def __len__(self):
@@ -173,17 +220,63 @@ def run_hf(args, device, shape: dict) -> dict:
             dataloader_num_workers=0, seed=0, **warmup)
         trainer = Trainer(model=model, args=targs, train_dataset=Data(), callbacks=[Timer()])
         trainer.train()
-    tokens_per_step = args.micro_batch * args.seq_len
+    tokens_per_step = args.micro_batch * seq_len
     seconds = Timer.end - Timer.start
-    result = {"tokens_per_s": tokens_per_step * (args.steps - args.warmup) / seconds,
-              "step_ms": 1e3 * seconds / (args.steps - args.warmup), "compile": args.hf_compile,
-              "sdpa_backend": "PyTorch default",
-              "flops_per_token": model_flops_per_token(model, args.seq_len),
-              "flops_per_token_kaplan": kaplan_flops_per_token(model, args.seq_len),
+    result = {"variant": "hf_trainer", "seq_len": seq_len,
+              "tokens_per_s": tokens_per_step * (args.steps - args.warmup) / seconds,
+              "step_ms": 1e3 * seconds / (args.steps - args.warmup), "compile": args.hf_compile, "objective": "lm",
+              "sdpa_backend": "PyTorch default", "flops_per_token": model_flops_per_token(model, seq_len),
+              "flops_per_token_kaplan": kaplan_flops_per_token(model, seq_len),
               "params": sum(p.numel() for p in model.parameters())}
     if device.type == "cuda":
         result["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
+
+
+def fresh_memory(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def run_all(args, device, shape: dict, peak: float) -> list[dict]:
+    """Every variant (and the Trainer baseline) at every sequence length; a failed variant is recorded, not fatal."""
+    rows = []
+    for seq_len in args.seq_lens:
+        jobs = [(v, lambda v=v: run_ours(args, device, shape, peak, seq_len, v)) for v in args.variants]
+        if not args.skip_hf:
+            jobs.append(("hf_trainer", lambda: run_hf(args, device, shape, seq_len)))
+        for name, job in jobs:
+            fresh_memory(device)
+            try:
+                row = job()
+            except Exception as exc:  # noqa: BLE001 - one variant's failure (e.g. out of memory) must not lose the rest
+                row = {"variant": name, "seq_len": seq_len, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    for r in rows:
+        if "tokens_per_s" in r:
+            r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak
+            r["mfu_kaplan"] = r["flops_per_token_kaplan"] * r["tokens_per_s"] / peak
+    return rows
+
+
+def ratios(rows: list[dict]) -> dict:
+    """Per sequence length: each variant's tokens/s over the Trainer's and over eager lm, and distill over lm."""
+    out = {}
+    for seq_len in sorted({r["seq_len"] for r in rows}):
+        by = {r["variant"]: r.get("tokens_per_s") for r in rows if r["seq_len"] == seq_len}
+        entry = {}
+        for name, tps in by.items():
+            if tps and by.get("hf_trainer"):
+                entry[f"{name}_vs_hf"] = tps / by["hf_trainer"]
+        # Time per token of the first over the second: distill's cost against lm, and eager's against compiled.
+        for slow, fast in (("distill", "compile"), ("distill-eager", "eager"), ("eager", "compile")):
+            if by.get(slow) and by.get(fast):
+                entry[f"{slow}_time_per_token_vs_{fast}"] = by[fast] / by[slow]
+        out[str(seq_len)] = entry
+    return out
 
 
 def main(argv=None) -> dict:
@@ -191,11 +284,13 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="fewer steps (and a tiny shape on CPU)")
     parser.add_argument("--preset", help="model shape (default pythia-160m; tiny-neox with --quick on CPU)")
-    parser.add_argument("--seq-len", type=int)
+    parser.add_argument("--seq-lens", type=int, nargs="+", help="sequence lengths (default 2048; 128 with --quick on CPU)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), help="our side's variants (default: compile "
+                        "on CUDA, eager on CPU)")
+    parser.add_argument("--plan", help="the distill variants' student plan, e.g. 6x1 (default: the preset's own)")
     parser.add_argument("--micro-batch", type=int, help="sequences per step, both sides (default 16 on GPU)")
     parser.add_argument("--steps", type=int, help="optimizer steps per side (default 40; 16 with --quick)")
     parser.add_argument("--warmup", type=int, help="steps left out of the timing (default 10; 4 with --quick)")
-    parser.add_argument("--no-compile", dest="compile", action="store_false", default=None)
     parser.add_argument("--hf-compile", action="store_true", help="also torch.compile the HF Trainer side")
     parser.add_argument("--sdpa-backend", default="auto", help="our side's preferred SDPA kernel (mlkv.training)")
     parser.add_argument("--skip-hf", action="store_true")
@@ -206,11 +301,11 @@ def main(argv=None) -> dict:
     device = torch.device(args.device)
     cpu_quick = device.type == "cpu" and args.quick
     args.preset = args.preset or ("tiny-neox" if cpu_quick else "pythia-160m")
-    args.seq_len = args.seq_len or (128 if cpu_quick else 2048)
+    args.seq_lens = args.seq_lens or [128 if cpu_quick else 2048]
+    args.variants = args.variants or (["compile"] if device.type == "cuda" else ["eager"])
     args.micro_batch = args.micro_batch or (4 if device.type == "cpu" else 16)
     args.steps = args.steps or (16 if args.quick else 40)
     args.warmup = args.warmup if args.warmup is not None else (4 if args.quick else 10)
-    args.compile = args.compile if args.compile is not None else device.type == "cuda"
     if not 0 <= args.warmup < args.steps or args.warmup + args.profile > args.steps:
         parser.error("need --warmup < --steps and --warmup + --profile <= --steps")
     args.out = args.out or (RESULTS if device.type == "cuda" else RESULTS.with_name(RESULTS.stem + "_cpu.json"))
@@ -220,36 +315,24 @@ def main(argv=None) -> dict:
     peak = measure_matmul(device, args.quick)
     print(f"{card}: matmul {peak / 1e12:.4g} TFLOP/s ({'bf16 8192^3' if device.type == 'cuda' else 'fp32'})",
           flush=True)
-    results = {"ours": run_ours(args, device, shape, peak)}
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    if not args.skip_hf:
-        results["hf_trainer"] = run_hf(args, device, shape)
-    for r in results.values():
-        r["mfu"] = r["flops_per_token"] * r["tokens_per_s"] / peak
-        r["mfu_kaplan"] = r["flops_per_token_kaplan"] * r["tokens_per_s"] / peak
-
+    rows = run_all(args, device, shape, peak)
     report = {"benchmark": "train_throughput", "device": card, "torch": torch.__version__,
-              "matmul_tflops": peak / 1e12, "preset": args.preset, "seq_len": args.seq_len,
-              "micro_batch": args.micro_batch, "tokens_per_step": args.micro_batch * args.seq_len,
-              "steps": args.steps, "timed_steps": args.steps - args.warmup,
+              "matmul_tflops": peak / 1e12, "preset": args.preset, "micro_batch": args.micro_batch,
+              "steps": args.steps, "timed_steps": args.steps - args.warmup, "plan": args.plan,
               "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
-              "data": "random uniform token ids", **results}
-    if "hf_trainer" in results:
-        report["speedup_vs_hf"] = results["ours"]["tokens_per_s"] / results["hf_trainer"]["tokens_per_s"]
-    report["targets"] = {"mfu>=0.50": results["ours"]["mfu"] >= 0.5,
-                         "speedup>=1.3": report.get("speedup_vs_hf", 0.0) >= 1.3}
-
-    print(f"\n{args.preset}, seq {args.seq_len}, micro-batch {args.micro_batch}, "
-          f"{args.steps - args.warmup} timed steps of {args.steps}, random tokens, {report['precision']}")
-    print(f"{'':<12} {'tokens/s':>12} {'step ms':>9} {'MFU':>7} {'MFU (6N non-emb)':>17} {'compile':>8}")
-    for name, r in results.items():
-        print(f"{name:<12} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {r['mfu']:>7.1%} {r['mfu_kaplan']:>17.1%} "
-              f"{str(r['compile']):>8}")
-    if "speedup_vs_hf" in report:
-        print(f"speedup vs HF Trainer: {report['speedup_vs_hf']:.2f}x")
+              "data": "random uniform token ids", "runs": rows, "ratios": ratios(rows)}
+    print(f"\n{args.preset}, micro-batch {args.micro_batch}, {args.steps - args.warmup} timed steps of {args.steps}, "
+          f"random tokens, {report['precision']}, {card}")
+    print(f"{'variant':<16} {'seq':>5} {'tokens/s':>12} {'step ms':>9} {'MFU':>7} {'MFU (6N non-emb)':>17} "
+          f"{'mem GiB':>8}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['variant']:<16} {r['seq_len']:>5} failed: {r['error'][:80]}")
+            continue
+        print(f"{r['variant']:<16} {r['seq_len']:>5} {r['tokens_per_s']:>12,.0f} {r['step_ms']:>9.1f} {r['mfu']:>7.1%} "
+              f"{r['mfu_kaplan']:>17.1%} {r.get('max_memory_gib', 0):>8.1f}")
+    for seq_len, entry in report["ratios"].items():
+        print(f"seq {seq_len}: " + ", ".join(f"{k} {v:.2f}x" for k, v in entry.items()))
     return finish(report, args.out)
 
 

@@ -120,7 +120,7 @@ class MLKVConfig(PreTrainedConfig):
         return MLKVConfig(**{**data, **changes})
 
 
-# Presets: tiny shapes for tests and the paper's Pythia-160M shape.
+# Presets: tiny shapes for tests, the paper's Pythia-160M shape and SmolLM2-135M's (benchmarks).
 PRESETS: dict[str, dict] = {
     "pythia-160m": dict(flavor="gpt_neox", vocab_size=50304, hidden_size=768, intermediate_size=3072,
                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=2048,
@@ -130,6 +130,11 @@ PRESETS: dict[str, dict] = {
                         num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=2048,
                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
                         tie_word_embeddings=False, bos_token_id=0, eos_token_id=0),
+    # SmolLM2-135M (a Llama: 30 thin layers, 9 query / 3 K/V heads, tied 49,152-token vocabulary); shape only.
+    "smollm2-135m": dict(flavor="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         max_position_embeddings=8192, rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                         norm_eps=1e-5, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2),
     "tiny-neox": dict(flavor="gpt_neox", vocab_size=512, hidden_size=48, intermediate_size=96,
                       num_hidden_layers=4, num_attention_heads=4, max_position_embeddings=256),
     "tiny-llama": dict(flavor="llama", vocab_size=512, hidden_size=48, intermediate_size=96,

@@ -96,8 +96,8 @@ class Settings:
     checkpoints: int | None = setting(None, group=TRAINING)
     """checkpoints spread over each training run, from which a rerun resumes a killed one (default: 10, so a kill
     loses at most a tenth of a run; 0 in --smoke, whose runs are a few steps; 0 = only the last step's)"""
-    compile: bool = setting(False, group=TRAINING)
-    """torch.compile the training step"""
+    compile: bool | None = setting(None, group=TRAINING)
+    """torch.compile each decoder layer and the loss in training (default: on CUDA, off on CPU)"""
     seed: int = setting(0, cli=False)
     """training seed (uptraining adds the run's data order)"""
     tasks: list[str] = setting(default_factory=lambda: list(DEFAULT_TASKS), group=EVALUATION)

@@ -116,8 +116,8 @@ class TrainConfig:
     """auto: bf16 autocast on CUDA (fp32 matmuls outside autocast use TF32), fp32 on CPU; fp32 turns TF32 off"""
     sdpa_backend: str = setting("auto", choices=SDPA_BACKENDS, group=EXECUTION)
     """attention kernel preferred on CUDA (auto: PyTorch's order)"""
-    compile: bool = setting(False, group=EXECUTION)
-    """torch.compile each decoder layer and the loss"""
+    compile: bool | None = setting(None, group=EXECUTION)
+    """torch.compile each decoder layer (the teacher's too) and the loss (default: on CUDA, off on CPU)"""
     activation_checkpointing: bool = setting(False, group=EXECUTION)
     """recompute each decoder layer's activations in the backward pass (less memory, more compute)"""
     fsdp: bool = setting(False, group=EXECUTION)

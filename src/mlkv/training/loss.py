@@ -52,13 +52,15 @@ class LossModel(nn.Module):
         self._loss_chunk = self._chunk
 
     def compile_layers(self, **kwargs) -> None:
-        """``torch.compile`` each decoder layer (in place: parameter names stay) and the logits/loss chunk.
+        """``torch.compile`` each decoder layer (in place: parameter names stay), the teacher's layers (inference
+        only, so a graph without a backward) and the logits/loss chunk.
 
         Not the whole forward: transformers' ``create_causal_mask`` builds an explicit mask when traced by dynamo,
         which turns SDPA's causal kernel into a masked, non-causal one (2-3x slower attention at seq 2048); eager, it
         returns ``None`` and attention stays ``is_causal``.
         """
-        for layer in decoder_layers(self.model):
+        teacher_layers = decoder_layers(self.teacher) if self.teacher is not None else []
+        for layer in decoder_layers(self.model) + teacher_layers:
             layer.compile(**kwargs)
         self._loss_chunk = torch.compile(self._chunk, **kwargs)
 

@@ -94,7 +94,7 @@ def seed_all(seed: int) -> None:
 
 def wrap_model(loss_model: LossModel, cfg: TrainConfig, ctx: Dist, device: torch.device) -> tuple[nn.Module, bool]:
     """``(step_fn, fsdp)``: the module a step calls (``loss_model``, FSDP-sharded in place, or in DDP) and whether
-    it is sharded; ``--compile`` compiles the layers after wrapping."""
+    it is sharded; ``--compile`` (default on CUDA) compiles the layers after wrapping."""
     if cfg.fsdp and ctx.world == 1:
         logger.warning("--fsdp needs several processes (torchrun); training one unsharded copy")
     fsdp = cfg.fsdp and ctx.world > 1
@@ -116,9 +116,16 @@ def wrap_model(loss_model: LossModel, cfg: TrainConfig, ctx: Dist, device: torch
         step_fn = DDP(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         step_fn = loss_model
-    if cfg.compile:
+    if compile_enabled(cfg.compile, device):
         loss_model.compile_layers()
     return step_fn, fsdp
+
+
+def compile_enabled(flag: bool | None, device: torch.device) -> bool:
+    """``--compile`` as given, else on CUDA only: compiled layers fuse the chains of small elementwise kernels
+    (norms, rotary, activations) that dominate thin shapes (benchmarks/train_throughput.py measures both ways); on
+    a CPU the compile time outweighs the short runs made there."""
+    return flag if flag is not None else device.type == "cuda"
 
 
 def gradient_sync(step_fn: nn.Module, fsdp: bool, world: int, last_micro: bool) -> contextlib.AbstractContextManager:
