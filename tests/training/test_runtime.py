@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from mlkv.training import model_flops_per_token
-from mlkv.training.runtime import WarmupCosine
+from mlkv.training.runtime import WarmupCosine, compile_enabled
 from tiny import tiny_model
 
 
@@ -23,3 +24,9 @@ def test_flops_per_token():
     n = sum(p.numel() for p in model.parameters()) - 96 * 32
     assert model_flops_per_token(model, 128) == 6 * n + 12 * 2 * 32 * 128
 
+
+
+def test_compile_is_on_by_default_on_cuda_only_and_a_given_flag_wins():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert compile_enabled(None, cuda) and not compile_enabled(None, cpu)
+    assert compile_enabled(True, cpu) and not compile_enabled(False, cuda)
