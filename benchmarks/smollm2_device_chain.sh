@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # One H200 lease, calls back to back (benchmarks/smollm2_device_chain.md says why and what each carries):
 #   1. carry .whl .carry/c1   bash benchmarks/smollm2_device_chain.sh install   (wheels, GGUF part 0, versions;
-#                             then the training-throughput benchmark on the SmolLM2 shape, ~3 minutes)
+#                             then the training-throughput benchmark on the SmolLM2 shape, ~3 minutes, and the
+#                             decode kernel's GPU tests and benchmark, ~4 minutes: SKIP_THROUGHPUT=1, SKIP_KERNEL=1)
 #   2. carry .carry/c2        bash benchmarks/smollm2_device_chain.sh part2     (GGUF part 1, data but train_00)
 #   3. carry .carry/c3        bash benchmarks/smollm2_device_chain.sh launch    (GGUF part 2, train_00; starts the run)
 #   4. (no carry)             bash benchmarks/smollm2_device_chain.sh wait      (repeat until it prints "finished")
 #   5. (no carry)             bash benchmarks/smollm2_device_chain.sh bench     (the same run again with the bench)
 #   6. (no carry)             bash benchmarks/smollm2_device_chain.sh collect   (report so far, results, plots, logs to $OUT)
-#   7. if device time is left: bash benchmarks/smollm2_device_chain.sh kernel   (GPU tests, decode-kernel benchmark)
 # The first pass runs --no-bench, so that the report exists even if the lease ends during the bench.
 # The run itself is started with setsid, so it outlives each 10-minute call; the calls only carry data and wait.
 set -uo pipefail
@@ -24,7 +24,8 @@ install)
     python3 -c "import gguf, lm_eval, datasets, transformers, torch, triton; print('transformers', transformers.__version__, 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
     nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm,clocks.mem --format=csv
     python3 -c "import pyarrow, pandas; print('pyarrow', pyarrow.__version__, 'pandas', pandas.__version__)"
-    [ -n "${SKIP_THROUGHPUT:-}" ] || exec bash "$0" throughput
+    [ -n "${SKIP_THROUGHPUT:-}" ] || bash "$0" throughput
+    [ -n "${SKIP_KERNEL:-}" ] || bash "$0" kernel
     ;;
 throughput)  # issue 20 item 1: mlkv's loop (eager, compiled, distill) beside HF Trainer, SmolLM2 shape, seq 1024
     # (the short form that fits beside the run of record in one lease; THROUGHPUT_ARGS widens it: seq 2048, more steps)
