@@ -8,7 +8,7 @@ from mlkv.evaluation.results import average_accuracy
 from mlkv.reproduce.config import Settings, resolve_settings
 from mlkv.reproduce.findings import CHANCE_AVERAGE, collapse, distillation_gap, in_layer, kv_order, paper_findings
 from mlkv.reproduce.markdown import render_report
-from mlkv.reproduce.report import PUBLISHED, init_comparison, report_rows, summarize
+from mlkv.reproduce.report import init_comparison, published_comparison, report_rows, summarize
 
 ACCS = {"arc_easy": 0.5, "lambada_openai": 0.25, "piqa": 0.625, "sciq": 0.75, "hellaswag": 0.3}
 SMOL = dict(spec="smollm2", kind="gguf", layers=30, heads=9, kv_heads=3, head_dim=64)
@@ -89,7 +89,7 @@ def test_distillation_gap_is_the_fraction_closed_in_accuracy_and_perplexity(smol
 def _results(s, rows, by_run, **extra):
     return {"settings": {**s.__dict__}, "rows": rows, "findings": paper_findings(s, by_run),
             "distillation_gap": distillation_gap(s, by_run), "init_comparison": init_comparison(s, by_run),
-            "published": PUBLISHED["smollm2-135m"], "bench": None, "seconds": 600.0, "command": "mlkv reproduce",
+            "published": published_comparison(s, by_run), "bench": None, "seconds": 600.0, "command": "mlkv reproduce",
             "git_commit": "abc", "card": "H200", "disk_bytes": 3.2e9, **extra}
 
 
@@ -107,8 +107,19 @@ def test_report_renders_step_0_uptrained_findings_gap_and_published(smol_run):
     assert "in-layer sharing is at least as accurate as cross-layer: **holds**. 30x1 42.00%" in text
     assert "1x1 collapses" in text and "**holds (1x1 collapses)**. 1x1 scores 27.00% against 48.00%" in text
     assert "| 6x1 | avg acc, paper's 4 | control | 50.0% | 48.00 | 36.00 | 42.00 |" in text
-    assert "| ARC-Easy acc | 50.00 |  |" in text  # the published cell stays empty
-    assert "not found: the stored copies of the HuggingFaceTB/SmolLM2-135M-Instruct model card" in text
+    assert "| arc_easy_acc | 50.00 | 54.12 | -4.12 | no |" in text
+    assert "| piqa_acc_norm | 51.00 | 66.92 | -15.92 | no |" in text
+    assert "| hellaswag_acc_norm | - | 42.99 | - | not measured |" in text  # no HellaSwag in this run
+    assert "Published: third-party: the Hugging Face Hub model page lldois/SmolLM2-135M-Reasoning-SLERP-Champion" in text
+
+
+def test_published_scores_are_compared_in_points_with_a_tolerance(smol_run):
+    s, rows, by_run = smol_run
+    close = {**by_run, "base": {**by_run["base"], "arc_easy_acc": 0.5612}}
+    arc = published_comparison(s, close)["comparison"][0]
+    assert arc["score"] == "arc_easy_acc" and arc["difference_points"] == pytest.approx(2.0)
+    assert arc["within_tolerance"] is True
+    assert published_comparison(Settings(out="x", base="pretrain"), by_run) is None
 
 
 def test_report_bench_section_and_skipped_inits():

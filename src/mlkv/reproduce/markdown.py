@@ -154,16 +154,15 @@ def _distillation_section(results: dict) -> list[str]:
 
 def _published_section(results: dict) -> list[str]:
     pub = results.get("published")
-    original = next((r for r in results["rows"] if r["stage"] == "original"), None)
-    if pub is None or original is None:
+    if not pub or "comparison" not in pub:
         return []
-    cells = [[task, _pct(original[key]), pub["scores"].get(task, "")] for task, key in
-             (("ARC-Easy acc", "arc_easy_acc"), ("LAMBADA acc", "lambada_acc"), ("PIQA acc", "piqa_acc"),
-              ("SciQ acc", "sciq_acc"), ("HellaSwag acc_norm", "hellaswag_acc_norm"))]
+    cells = [[c["score"], _num(c["this_run"]), _num(c["published"]), _num(c["difference_points"]),
+              {True: "yes", False: "no", None: NOT_MEASURED}[c["within_tolerance"]]] for c in pub["comparison"]]
     return ["", f"## The original against {pub['model']}'s published scores", "",
-            tables.markdown_table(cells, ["task", "this run (original, before uptraining)", "published"]), "",
-            f"Published: {pub['source'] or pub['note']}. This run's original is the Q4_1 GGUF dequantized, not "
-            "bit-identical to the bf16 release."]
+            tables.markdown_table(cells, ["score", "this run (original, before uptraining)", "published",
+                                          "difference (points)", f"within {pub['tolerance_points']:g} points"]), "",
+            f"Published: {pub['source']}. This run's original is the Q4_1 GGUF dequantized, not bit-identical to "
+            "the bf16 release."]
 
 
 def _bench_section(bench: dict | None) -> list[str]:
