@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from mlkv.checkpoints import default_device, has_weights, load_model, parse_dtype
+from mlkv.checkpoints import has_weights
 from mlkv.inference.bench.measure import (agreement, bound_ratios, engine_run, hf_run, measure_bandwidth,
                                           random_prompts, speedups, time_at_max_batch)
 from mlkv.inference.bench.memory import (GB, TryFit, cuda_try_fit, find_max_batch, find_max_context, free_cuda,
@@ -47,6 +47,7 @@ from mlkv.inference.bench.memory import (GB, TryFit, cuda_try_fit, find_max_batc
 from mlkv.inference.bench.report import print_report, summary, write_outputs
 from mlkv.inference.bench.settings import BenchSettings
 from mlkv.model.config import PRESETS, MLKVConfig, preset_config
+from mlkv.model.loading import default_device, load_model, parse_dtype
 from mlkv.model.modeling import MLKVForCausalLM
 from mlkv.model.sharing import PAPER_PRESETS, PAPER_SHAPE, resolve_plan
 
