@@ -1,9 +1,11 @@
-"""The package's layout rules, read from the source: subpackages import each other without a cycle."""
+"""The package's layout rules, read from the source: subpackages import each other without a cycle, no file is over
+500 lines, and the engine's state travels as data."""
 
 import ast
 from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "mlkv"
+MAX_LINES = 500
 
 
 def unit_of(module: str) -> str | None:
@@ -77,3 +79,37 @@ def test_the_graph_sees_the_known_edges():
 def test_subpackages_import_each_other_without_a_cycle():
     assert find_cycle(import_graph()) is None
 
+
+def test_no_source_file_is_over_500_lines():
+    lines = {str(p.relative_to(SRC)): len(p.read_text().splitlines()) for p in SRC.rglob("*.py")}
+    assert {name: n for name, n in lines.items() if n > MAX_LINES} == {}
+
+
+def writes(tree: ast.AST) -> list[tuple[int, str]]:
+    """``(line, target)`` of every assignment and mutating dict call (``x.setdefault(...)``, ``x.update(...)``...)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            found += [(node.lineno, ast.unparse(t)) for t in targets]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS:
+            found.append((node.lineno, ast.unparse(node.func.value) + "[...]"))
+    return sorted(found)
+
+
+MUTATORS = {"setdefault", "update", "pop", "popitem", "clear", "__setitem__"}
+
+
+def test_nothing_registers_into_the_model_or_flips_its_attention_implementation():
+    """The engine's attention and backend are passed to the model, not installed in it: no module writes into the
+    model's attention registry or sets a config's attention implementation (tests may, to pick eager or sdpa)."""
+    offenders = [f"{path.relative_to(SRC)}:{line} {target}" for path in SRC.rglob("*.py")
+                 for line, target in writes(ast.parse(path.read_text(), str(path)))
+                 if target.endswith("_attn_implementation") or target.startswith("ATTENTION_FUNCTIONS[")]
+    assert offenders == []
+
+
+def test_the_write_finder_sees_a_registration_and_a_config_flip():
+    code = "ATTENTION_FUNCTIONS.setdefault('x', f)\nconfig._attn_implementation = 'x'\nATTENTION_FUNCTIONS['y'] = f"
+    assert writes(ast.parse(code)) == [(1, "ATTENTION_FUNCTIONS[...]"), (2, "config._attn_implementation"),
+                                       (3, "ATTENTION_FUNCTIONS['y']")]
