@@ -4,7 +4,7 @@ kernel of ``mlkv.inference.kernels`` with per-row ``[start, end)`` cache columns
 The choice is data, passed down: ``MLKVEngine(decode_attention=...)`` resolves ``"auto"`` once
 (``choose_decode_attention``), gives the result to its ``ProducerKVCache``, and the cache, which the model hands to
 every layer, calls ``engine_attention`` with its column ranges (``ranges``) when the kernel is chosen and without
-them otherwise. Nothing here is global or registered.
+them otherwise. Nothing is registered anywhere or switched in a module or a config.
 
 SDPA details. With a mask, PyTorch's CUDA SDPA falls back to the slow math kernel for grouped K/V (``enable_gqa``),
 so for a single decode query the query heads that share a K/V head are folded into the query-length axis,
