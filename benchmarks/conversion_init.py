@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from mlkv.checkpoints import atomic_json  # noqa: E402
 from mlkv.data import load_hf_tokenizer, read_documents  # noqa: E402
 from mlkv.data.paths import require_data_dir  # noqa: E402
+from mlkv.files import atomic_json  # noqa: E402
 from mlkv.model.calibrate import attention_inputs  # noqa: E402
 from mlkv.model.convert import INITS, build_model, convert_state  # noqa: E402
 from mlkv.model.gguf import is_gguf, materialize  # noqa: E402

@@ -4,7 +4,7 @@ For K/V heads 12 (MHA-144's layers) and 1 (MQA / MLKV layers, 12 query heads sha
 head_dim 64, rows left-padded by 0-63 tokens: the time of one attention call and the K/V bytes it must read
 (``B x H_kv x T x D x 2 x 2``) over that time, as a fraction of the copy bandwidth measured in the same run.
 
-* ``engine``: ``mlkv.inference.engine.engine_attention`` as the engine calls it today: additive mask,
+* ``engine``: ``mlkv.inference.attention.engine_attention`` as the engine's SDPA backend calls it: additive mask,
   memory-efficient SDPA, over the 256-column bucket (1280 columns for context 1024).
 * ``engine_exact``: the same over exactly the used columns (rounded up to 16).
 * ``flash_nomask``: SDPA's flash kernel with no mask (rows not padded; an upper bound for a dense kernel).
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import finish  # noqa: E402
+from mlkv.inference.attention import engine_attention  # noqa: E402
 from mlkv.inference.bench.measure import measure_bandwidth  # noqa: E402
-from mlkv.inference.engine import engine_attention  # noqa: E402
 
 
 def timed(fn, iters: int = 50) -> float:

@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from report import finish  # noqa: E402
-from mlkv.checkpoints import atomic_json, load_model  # noqa: E402
+from mlkv.files import atomic_json  # noqa: E402
+from mlkv.model.loading import load_model  # noqa: E402
 from mlkv.reproduce.command import add_reproduce_arguments, settings_from_args  # noqa: E402
 from mlkv.reproduce.config import check_settings, source_of  # noqa: E402
 from mlkv.reproduce.evaluate import gutenberg_perplexity  # noqa: E402

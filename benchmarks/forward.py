@@ -21,7 +21,7 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 import mlkv  # noqa: F401  (registers the model)
-from mlkv.checkpoints import atomic_json
+from mlkv.files import atomic_json
 from mlkv.model.convert import build_model, convert_state
 from mlkv.tables import text_table
 

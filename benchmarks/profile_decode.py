@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from inference import tiny_cpu_config  # noqa: E402
 from report import finish  # noqa: E402
-from mlkv.checkpoints import default_device, parse_dtype  # noqa: E402
 from mlkv.inference.bench.measure import random_prompts, sync  # noqa: E402
-from mlkv.inference.bench.run import build_model, resolve_model  # noqa: E402
+from mlkv.inference.bench.models import build_model, resolve_model  # noqa: E402
 from mlkv.inference.bench.settings import parse_bucket  # noqa: E402
 from mlkv.inference.engine import MLKVEngine  # noqa: E402
+from mlkv.model.loading import default_device, parse_dtype  # noqa: E402
 from mlkv.model.sharing import resolve_plan  # noqa: E402
 
 NAME_WIDTH = 70

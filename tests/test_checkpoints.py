@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mlkv.checkpoints import (FolderInUseError, atomic_dir, atomic_json, atomic_write, clean_stale_temps_under,
-                              folder_lock, parse_dtype, require_checkpoint)
+from mlkv.checkpoints import require_checkpoint
+from mlkv.files import FolderInUseError, atomic_dir, atomic_json, atomic_write, clean_stale_temps_under, folder_lock
+from mlkv.model.loading import parse_dtype
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -88,7 +89,7 @@ def _holder(folder: Path, command: str, seconds: float) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(SRC)!r})
-        from mlkv.checkpoints import folder_lock
+        from mlkv.files import folder_lock
         with folder_lock({str(folder)!r}, {command!r}):
             print("locked", flush=True)
             time.sleep({seconds})

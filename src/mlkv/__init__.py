@@ -9,7 +9,8 @@
     evaluation/   perplexity, zero-shot tasks through lm-evaluation-harness, result files
     inference/    the static-cache CUDA-graph engine, its kernels, and the benchmark
     reproduce/    the paper's experiment end to end
-    checkpoints.py, settings.py, tables.py, errors.py: what every stage shares; cli.py: the ``mlkv`` command
+    files.py, checkpoints.py, settings.py, tables.py, errors.py: what every stage shares; cli.py: the ``mlkv``
+    command
 """
 
 from mlkv.model.config import PRESETS, MLKVConfig, preset_config

@@ -1,29 +1,15 @@
-"""Checkpoint folders: what files make one, how one is loaded, and how anything is written without leaving half a file.
+"""Checkpoint folders: which files make one and which travel with the weights.
 
-One place for each: ``TOKENIZER_FILES`` (what defines a tokenizer) and ``COMPANION_FILES`` (what travels with the
-weights when a checkpoint is converted or trained), ``parse_dtype``, ``has_weights`` / ``require_checkpoint``,
-``load_model`` (any ``AutoModelForCausalLM`` folder, mlkv's included, with its tokenizer), and the atomic writers
-``atomic_write`` / ``atomic_json`` / ``atomic_dir`` (a temporary name in the same folder, then ``os.replace``).
+``TOKENIZER_FILES`` (what defines a tokenizer) and ``COMPANION_FILES`` (what travels with the weights when a
+checkpoint is converted or trained), ``has_weights`` / ``require_checkpoint``, ``companion_files`` /
+``copy_companions``. Loading a model is ``mlkv.model.loading``; writing files safely is ``mlkv.files``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import json
 import os
 import shutil
-import socket
-import sys
-import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import IO, Any
-
-import torch
-
-from mlkv.errors import UsageError
 
 #: Files that define a tokenizer in a checkpoint or tokenizer folder (also hashed into the token cache's key).
 TOKENIZER_FILES = (
@@ -41,30 +27,7 @@ TOKENIZER_FILES = (
 #: (inside ``tokenizer_config.json`` or its own file) and the generation defaults.
 COMPANION_FILES = TOKENIZER_FILES + ("chat_template.jinja", "generation_config.json")
 
-#: Names accepted for a dtype on the command line and in settings.
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
 
-
-def parse_dtype(value: str | torch.dtype, what: str = "dtype") -> torch.dtype:
-    """``"bf16"`` -> ``torch.bfloat16``; a ``torch.dtype`` passes through. ``what`` names the flag in the error."""
-    if isinstance(value, torch.dtype):
-        return value
-    key = str(value).lower().removeprefix("torch.")
-    if key not in DTYPES:
-        raise ValueError(f"{what} ({value!r}) must be one of {', '.join(sorted(DTYPES))}")
-    return DTYPES[key]
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-# ---- what a checkpoint folder holds ---------------------------------------------------------------------------------
 def has_weights(folder: str | os.PathLike) -> bool:
     folder = Path(folder)
     return any(folder.glob("*.safetensors")) or any(folder.glob("pytorch_model*.bin"))
@@ -96,187 +59,3 @@ def copy_companions(files: dict[str, Path], folder: Path) -> None:
     """Copy ``companion_files(...)`` into ``folder``."""
     for name, source in files.items():
         shutil.copyfile(source, folder / name)
-
-
-def load_model(model_dir: str | os.PathLike, device: str | None = None, dtype: str | torch.dtype | None = None,
-               tokenizer: str | os.PathLike | None = None, with_tokenizer: bool = True):
-    """``(model, tokenizer)`` from a checkpoint folder (any ``AutoModelForCausalLM`` one, mlkv's included).
-
-    ``dtype`` None means float32 on CPU and the checkpoint's own dtype elsewhere; ``tokenizer`` defaults to the
-    checkpoint folder; ``with_tokenizer=False`` returns ``(model, None)``.
-    """
-    from transformers import AutoModelForCausalLM
-
-    import mlkv  # noqa: F401  (registers MLKVConfig / MLKVForCausalLM with the Auto classes)
-    from mlkv.data import load_hf_tokenizer
-
-    model_dir = require_checkpoint(model_dir)
-    device = device or default_device()
-    if dtype is None:
-        dtype = torch.float32 if device == "cpu" else "auto"
-    elif dtype != "auto":
-        dtype = parse_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    if not with_tokenizer:
-        return model, None
-    tok_source = Path(tokenizer) if tokenizer else model_dir
-    eos = model.config.eos_token_id
-    try:
-        tok = load_hf_tokenizer(tok_source, eos[0] if isinstance(eos, list) else eos)
-    except (OSError, ValueError) as exc:
-        raise FileNotFoundError(
-            f"no tokenizer found in {tok_source} (save one with the checkpoint or pass --tokenizer): {exc}"
-        ) from exc
-    return model, tok
-
-
-# ---- atomic writes --------------------------------------------------------------------------------------------------
-def temp_path(path: str | os.PathLike) -> Path:
-    """A unique hidden name next to ``path`` (same file system, so ``os.replace`` is atomic)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def atomic_write(path: str | os.PathLike, content: str | bytes | Callable[[IO[bytes]], Any]) -> Path:
-    """Write ``content`` (text, bytes, or a function given the open binary file) to a temporary file beside
-    ``path``, flush it to disk, then rename it onto ``path``: readers see the old file or the new one, never part."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            if callable(content):
-                content(f)
-            else:
-                f.write(content.encode("utf-8") if isinstance(content, str) else content)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _json_default(obj: Any) -> Any:
-    """JSON for numpy scalars, sets, dtypes, paths and callables (as their ``item()`` or ``str``)."""
-    if hasattr(obj, "item") and callable(obj.item):
-        with contextlib.suppress(TypeError, ValueError):
-            return obj.item()
-    if isinstance(obj, (set, frozenset)):
-        return list(obj)
-    return str(obj)
-
-
-def atomic_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
-    """``atomic_write`` of ``obj`` as JSON (UTF-8, non-ASCII kept, numpy scalars and the like converted)."""
-    return atomic_write(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
-
-
-class FolderInUseError(UsageError):
-    """Another live process holds the folder's lock; the message names it."""
-
-
-def _lock_path(folder: Path) -> Path:
-    return folder.parent / f".{folder.name}.lock"
-
-
-@contextlib.contextmanager
-def folder_lock(folder: str | os.PathLike, command: str = "mlkv", wait: bool = False) -> Iterator[Path]:
-    """Hold an exclusive OS lock on ``folder`` (existing or not) while the block runs.
-
-    The lock is ``flock`` on ``.<name>.lock`` beside the folder: the kernel releases it when the holder exits, even
-    by ``kill -9``, so a lock never goes stale. A second writer gets a ``FolderInUseError`` naming the holder's
-    pid, command and start time, or with ``wait`` blocks until the holder is done (saying so on stderr). The holder
-    removes the file when it is done; a taker checks that the file it locked is still the one at the path (the
-    usual unlink race), so two processes never both hold it."""
-    folder = Path(folder).expanduser().absolute()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    path = _lock_path(folder)
-    fd = _take_lock(path, folder, wait)
-    try:
-        info = (f"pid {os.getpid()} on {socket.gethostname()} ({command}, started "
-                f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, info.encode(), 0)
-        yield folder
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()  # still holding the lock: a process waiting on this inode re-checks and retries
-        os.close(fd)  # releases the lock
-
-
-def _take_lock(path: Path, folder: Path, wait: bool = False) -> int:
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
-            if wait:
-                print(f"mlkv: waiting for {folder}, in use by {holder}", file=sys.stderr, flush=True)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            else:
-                os.close(fd)
-                raise FolderInUseError(f"{folder} is in use by {holder}; wait for it to finish or choose another "
-                                       "output folder") from None
-        try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
-                return fd
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the holder removed this file after we opened it: take the new one
-
-
-def clean_stale_temps(dst: str | os.PathLike) -> list[Path]:
-    """Remove the hidden ``.<name>.tmp-*`` folders and files a killed writer of ``dst`` left behind.
-
-    Call it only while holding ``folder_lock(dst)``: then no live writer owns them. Says what it removed."""
-    dst = Path(dst)
-    stale = sorted(dst.parent.glob(f".{dst.name}.tmp-*")) + sorted(dst.parent.glob(f".{dst.name}.old.tmp-*"))
-    for path in stale:
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-        print(f"mlkv: removed {path}, left by an interrupted earlier run", file=sys.stderr)
-    return stale
-
-
-def clean_stale_temps_under(folder: str | os.PathLike) -> list[Path]:
-    """``clean_stale_temps`` for every file and folder anywhere under ``folder``: the hidden ``.<name>.tmp-*``
-    leftovers of writers killed inside it. Call it only while holding ``folder_lock(folder)`` in a program whose
-    writers under ``folder`` all work for the lock's holder (``mlkv reproduce`` and its evaluation processes), so
-    that none is alive when a new holder starts (an orphaned evaluation process of a killed run could still be:
-    its lost result file is made again). Says what it removed."""
-    stale = sorted(p for p in Path(folder).rglob(".*.tmp-*") if p.exists())
-    for path in stale:
-        if path.exists():  # not inside a stale folder removed just before
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-            print(f"mlkv: removed {path}, left by an interrupted earlier run", file=sys.stderr)
-    return stale
-
-
-@contextlib.contextmanager
-def atomic_dir(dst: str | os.PathLike, overwrite: bool = False, command: str = "mlkv") -> Iterator[Path]:
-    """Yield a temporary folder beside ``dst``; on success it becomes ``dst`` by one rename.
-
-    The whole write holds ``folder_lock(dst)``, so two writers of one destination cannot both succeed, and stale
-    temporary folders of a killed writer are removed first. With ``overwrite``, an existing ``dst`` is renamed
-    aside and deleted only after the new folder is in place, so a crash at any point leaves the old folder or the
-    new one. On an exception the temporary folder is removed and ``dst`` is untouched."""
-    dst = Path(dst)
-    with folder_lock(dst, command):
-        if dst.exists() and not overwrite:
-            raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")
-        clean_stale_temps(dst)
-        tmp = temp_path(dst)
-        tmp.mkdir()
-        try:
-            yield tmp
-            old = None
-            if dst.exists():
-                old = temp_path(dst.with_name(dst.name + ".old"))
-                os.replace(dst, old)
-            os.replace(tmp, dst)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise

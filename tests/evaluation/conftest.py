@@ -37,7 +37,7 @@ def tiny_dir(tmp_path_factory, pythia_tokenizer):
 
 @pytest.fixture(scope="session")
 def tiny(tiny_dir):
-    """``(model, tokenizer)`` of ``tiny_dir``, loaded on CPU with ``mlkv.checkpoints.load_model``."""
-    from mlkv.checkpoints import load_model
+    """``(model, tokenizer)`` of ``tiny_dir``, loaded on CPU with ``mlkv.model.loading.load_model``."""
+    from mlkv.model.loading import load_model
 
     return load_model(tiny_dir, device="cpu")

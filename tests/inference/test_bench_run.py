@@ -11,7 +11,8 @@ import torch
 
 import mlkv.inference.bench.run as bench
 from bench_fakes import fake_allocator
-from mlkv.inference.bench.run import resolve_model, run_bench
+from mlkv.inference.bench.models import resolve_model
+from mlkv.inference.bench.run import run_bench
 from mlkv.model.config import preset_config
 from tiny import tiny_config, tiny_model
 

@@ -201,6 +201,35 @@ def test_opcheck(device):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("plan", ["2x1", "4x2"])
+def test_engine_with_the_kernel_gives_the_sdpa_engine_tokens(device, monkeypatch, plan):
+    """The engine's decode backend followed down to the real kernel: ``MLKVEngine(decode_attention="triton")``
+    hands it to its cache, whose attention calls the kernel with each row's ``[start, end)``; greedy tokens equal
+    those of the SDPA backend (fp32, head_dim 64, left-padded rows; CUDA graphs on the GPU). On CPU the kernel runs
+    in the interpreter, so ``supported`` is told that CPU tensors are fine."""
+    from mlkv.inference import kernels
+    from mlkv.inference.engine import MLKVEngine
+    from tiny import tiny_model
+
+    calls, kernel = [], kernels.decode_attention
+
+    def counted(*args):
+        calls.append(args[3].tolist() if device.type == "cpu" else None)  # start: the rows' first columns
+        return kernel(*args)
+
+    if device.type == "cpu":
+        monkeypatch.setattr(kernels, "supported", lambda q, k, v=None: True)
+    monkeypatch.setattr(kernels, "decode_attention", counted)
+    model = tiny_model("llama", plan, layers=4, heads=4, hidden_size=256).to(device)  # head_dim 64
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 96, (n,), generator=g).tolist() for n in (5, 9, 2)]
+    sdpa = MLKVEngine(model, decode_attention="sdpa").generate(prompts, 5, stop_tokens=[]).tokens
+    assert not calls
+    engine = MLKVEngine(model, decode_attention="triton")
+    assert engine.generate(prompts, 5, stop_tokens=[]).tokens == sdpa
+    assert calls and (device.type != "cpu" or calls[-1] == [4, 0, 7])  # left padding of 5, 9 and 2 tokens
+
+
 # --- compiled for a Hopper GPU without one: Triton's own compiler and the bundled ptxas -------------------------
 
 def _aot_compile(kernel, types: dict, constexprs: dict, options: dict):

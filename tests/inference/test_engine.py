@@ -4,8 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import mlkv.inference.engine
-from mlkv.inference.engine import MLKVEngine, engine_attention, generate
+import mlkv.inference.attention
+from mlkv.inference.attention import engine_attention
+from mlkv.inference.cache import ProducerKVCache
+from mlkv.inference.engine import MLKVEngine, generate
 from mlkv.model.modeling import sdpa_attention
 from mlkv.model.sharing import PAPER_PRESETS, dtype_bytes
 from tiny import VOCAB, tiny_model
@@ -57,18 +59,19 @@ def test_greedy_equals_hf_generate_llama(plan):
     assert_matches_hf(model, engine, [6, 6, 6, 6], seed=1)
 
 
-def test_engine_reuses_buffers_and_restores_attention():
+def test_engine_reuses_buffers_and_leaves_the_config_alone():
     model = paper_model("MLKV-4")
     engine = MLKVEngine(model, bucket=8)
     assert_matches_hf(model, engine, [4, 9])
     storage = engine.cache.storage
     assert_matches_hf(model, engine, [6, 2], seed=3)  # same batch, shorter call: the cache stays
     assert engine.cache.storage is storage
-    assert model.config._attn_implementation == "sdpa"  # the engine's attention is selected only while it runs
+    assert model.config._attn_implementation == "sdpa"  # the engine's attention comes with its cache
 
 
 def test_fused_qkv_weights_follow_the_parameters():
-    """The engine's stored fused Q/K/V weights are used only while it runs, and each generate() refreshes them."""
+    """The engine's stored fused Q/K/V weights are refreshed by each generate() (the model only sees them as the
+    ``qkv_weights`` argument of the engine's forward calls)."""
     model = paper_model("MLKV-12")
     engine = MLKVEngine(model, bucket=8)
     producers = model.config.sharing.producers
@@ -84,7 +87,6 @@ def test_fused_qkv_weights_follow_the_parameters():
                 layer.self_attn.q_proj.bias.add_(0.3)
     assert_matches_hf(model, engine, [5, 9], seed=1)
     assert engine._fused[producers[0]][0] is storage  # refreshed in place: captured graphs stay valid
-    assert all(layer.self_attn.qkv_weights is None for layer in model.model.layers)  # outside the engine
 
 
 @pytest.mark.parametrize("name", PAPER_PRESETS)
@@ -177,7 +179,7 @@ def test_top_k_and_top_p_keep_only_allowed_tokens():
 def test_attention_split_over_batch(monkeypatch):
     # Batches above the CUDA grid limit run the attention kernel in slices; same tokens.
     model = paper_model("MLKV-48")
-    monkeypatch.setattr(mlkv.inference.engine, "ATTN_BATCH_CHUNK", 2)
+    monkeypatch.setattr(mlkv.inference.attention, "ATTN_BATCH_CHUNK", 2)
     assert_matches_hf(model, MLKVEngine(model, bucket=8), [5, 11, 8, 2, 7])
 
 
@@ -210,7 +212,7 @@ def test_full_context_step_runs_one_step_and_never_grows_the_cache():
         assert int(engine.col) == 20 and int(engine.step) == 1  # one step, from column 19
         assert torch.equal(engine.out[:, 0], engine.tok[:, 0])  # its greedy token, fed to the next step
     assert engine.cache.storage is storage
-    assert model.config._attn_implementation == "sdpa"  # the engine's attention only while a step runs
+    assert model.config._attn_implementation == "sdpa"  # the engine's attention comes with its cache
 
 
 def test_argument_errors():
@@ -304,11 +306,10 @@ def test_engine_built_under_inference_mode_generates_outside_it():
         engine.generate([[1, 2, 3]], 2)
 
 
-@pytest.mark.parametrize("name", ["MHA-144", "MLKV-12", "MLKV-1"])
-@pytest.mark.parametrize("lengths", [[5, 9, 1], [1]], ids=["left-padded", "one-token-prompt"])
-def test_decode_kernel_path_gives_hf_greedy_tokens(monkeypatch, name, lengths):
-    """The engine's plumbing for the decode kernel (per-row [start, end) columns instead of the mask), with the
-    kernel's fp32 reference standing in for the Triton kernel on CPU."""
+@pytest.fixture
+def reference_kernel(monkeypatch) -> list:
+    """The kernel's fp32 reference in place of the Triton kernel (which needs a GPU), said to support every model;
+    returns the list of its calls' ``(start, end)``."""
     from mlkv.inference import kernels
 
     calls = []
@@ -319,6 +320,15 @@ def test_decode_kernel_path_gives_hf_greedy_tokens(monkeypatch, name, lengths):
 
     monkeypatch.setattr(kernels, "supported", lambda q, k, v=None: True)
     monkeypatch.setattr(kernels, "decode_attention", reference)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["MHA-144", "MLKV-12", "MLKV-1"])
+@pytest.mark.parametrize("lengths", [[5, 9, 1], [1]], ids=["left-padded", "one-token-prompt"])
+def test_decode_kernel_path_gives_hf_greedy_tokens(reference_kernel, name, lengths):
+    """The engine's plumbing for the decode kernel (per-row [start, end) columns instead of the mask), with the
+    kernel's fp32 reference standing in for the Triton kernel on CPU."""
+    calls = reference_kernel
     model = paper_model(name)
     engine = MLKVEngine(model, decode_attention="triton")
     assert engine.decode_attention == "triton"
@@ -334,3 +344,43 @@ def test_decode_attention_setting_is_checked():
         MLKVEngine(model, decode_attention="triton")
     with pytest.raises(ValueError, match=r"decode_attention \('flash'\) must be one of sdpa, triton, auto"):
         MLKVEngine(model, decode_attention="flash")
+    with pytest.raises(ValueError, match=r"decode_attention \('auto'\) must be one of sdpa, triton"):
+        ProducerKVCache(model.config, 1, 8, "cpu", torch.float32, "auto")  # the engine resolves auto, not the cache
+
+
+def snapshot(model) -> dict:
+    """What generate() must leave as it was: the config, every module's attributes and the inference modules'
+    globals (plain values compared by value, the rest by identity)."""
+    import mlkv.inference.cache
+    import mlkv.inference.engine
+    import mlkv.model.modeling
+
+    def fields(obj) -> dict:
+        return {k: v if isinstance(v, (bool, int, float, str, type(None))) else id(v) for k, v in vars(obj).items()}
+
+    modules = (mlkv.inference.attention, mlkv.inference.cache, mlkv.inference.engine, mlkv.model.modeling)
+    return {"config": model.config.to_dict(), "attn": model.config._attn_implementation,
+            "modules": {name: fields(m) for name, m in model.named_modules()},
+            "globals": {m.__name__: fields(m) for m in modules}}
+
+
+def test_running_the_engine_changes_nothing_on_the_model_nor_any_module_state(reference_kernel, monkeypatch):
+    """The backend, the column ranges and the fused weights travel as data (the cache and forward arguments): while
+    the engine runs the model (seen from inside the kernel call), no config field, module attribute or global has
+    changed."""
+    from mlkv.inference import kernels
+
+    model = paper_model("MLKV-6")
+    engine = MLKVEngine(model, bucket=8, decode_attention="triton")
+    inner, seen = kernels.decode_attention, []
+
+    def kernel_that_looks(*args):
+        seen.append(snapshot(model))
+        return inner(*args)
+
+    monkeypatch.setattr(kernels, "decode_attention", kernel_that_looks)
+    before = snapshot(model)
+    engine.generate(prompts_of([5, 9]), 4, stop_tokens=[])
+    assert len(seen) == 3 * model.config.num_hidden_layers  # every layer of the 3 decode steps
+    assert all(s == before for s in seen)
+    assert snapshot(model) == before

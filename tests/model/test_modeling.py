@@ -1,11 +1,13 @@
 """Every path through the model agrees: uncached, dynamic and static caches, chunked prefill, checkpointing, eager."""
 
+import copy
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, StaticCache
 
 from mlkv import MLKVForCausalLM
-from mlkv.model.modeling import CACHE_FIELD
+from mlkv.model.modeling import CACHE_FIELD, sdpa_attention
 from mlkv.model.convert import parameter_count
 from mlkv.model.sharing import PAPER_PRESETS
 from tiny import VOCAB, tiny_model
@@ -172,3 +174,49 @@ def test_output_hidden_states_and_labels_loss():
     assert len(out.hidden_states) == model.config.num_hidden_layers + 1
     manual = torch.nn.functional.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
     assert torch.allclose(out.loss, manual, atol=1e-6)
+
+
+def stored_qkv(model) -> dict:
+    """What the decoding engine keeps: ``{producer layer: fused_qkv()}``."""
+    return {a.layer_idx: a.fused_qkv() for a in (layer.self_attn for layer in model.model.layers) if a.is_producer}
+
+
+@torch.no_grad()
+def test_qkv_weights_argument_replaces_the_projection_weights():
+    """The decoding engine's stored fused Q/K/V weights come in as a forward argument: the model projects its
+    producers with them instead of its parameters, which stay as they are."""
+    model, other = tiny_model("llama", "2x2", seed=0), tiny_model("llama", "2x2", seed=1)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(2))
+    plain = model(ids).logits
+    assert torch.equal(model(ids, qkv_weights=stored_qkv(model)).logits, plain)
+    mixed = copy.deepcopy(model)  # model's weights with other's producer Q/K/V projections
+    for layer, theirs in zip(mixed.model.layers, other.model.layers):
+        if theirs.self_attn.is_producer:
+            for name in ("q_proj", "k_proj", "v_proj"):
+                getattr(layer.self_attn, name).load_state_dict(getattr(theirs.self_attn, name).state_dict())
+    close(model(ids, qkv_weights=stored_qkv(other)).logits, mixed(ids).logits)
+    assert not torch.allclose(mixed(ids).logits, plain)
+    assert torch.equal(model(ids).logits, plain)
+
+
+class CacheWithAttention(DynamicCache):
+    """A cache that brings its own attention, as the engine's does; records the masks it is given."""
+
+    def __init__(self, config):
+        super().__init__(config=config)
+        self.masks = []
+
+    def attention(self, q, k, v, mask, scaling, dropout=0.0, training=False):
+        self.masks.append(mask)
+        return sdpa_attention(q, k, v, mask, scaling)
+
+
+@torch.no_grad()
+def test_a_cache_with_its_own_attention_gets_every_layer_and_the_mask_as_given():
+    model = paper_model("MLKV-4")
+    ids = torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.full((2, 1, 7, 7), torch.finfo(torch.float32).min).triu(1)  # (B, 1, T, S) additive causal
+    cache = CacheWithAttention(model.config)
+    logits = model(ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+    assert len(cache.masks) == model.config.num_hidden_layers and all(m is mask for m in cache.masks)
+    close(logits, model(ids, use_cache=False).logits)

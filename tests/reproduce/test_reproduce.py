@@ -245,7 +245,7 @@ def test_a_checkpoint_left_by_a_kill_after_the_done_marker_goes_when_a_rerun_ski
 
 @needs_data
 def test_a_second_run_into_a_busy_output_folder_gets_a_named_error_before_any_work(tmp_path):
-    from mlkv.checkpoints import FolderInUseError, folder_lock
+    from mlkv.files import FolderInUseError, folder_lock
 
     out = tmp_path / "run"
     with folder_lock(out, "mlkv reproduce --out run"):
@@ -308,7 +308,7 @@ def test_report_only_from_the_command_line_prints_its_json_line_without_a_record
 
 @needs_data
 def test_report_only_runs_beside_a_live_run_holding_the_folder(tmp_path, capsys):
-    from mlkv.checkpoints import folder_lock
+    from mlkv.files import folder_lock
 
     out = tmp_path / "run"
     with folder_lock(out, "mlkv reproduce"):  # the live run

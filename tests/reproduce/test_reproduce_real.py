@@ -39,7 +39,7 @@ def test_smollm2_smoke_converts_evaluates_uptrains_and_reports(tmp_path):
 
 
 def test_bench_resolves_the_gguf_to_its_real_weights_as_they_are():
-    from mlkv.inference.bench.run import resolve_model
+    from mlkv.inference.bench.models import resolve_model
     from mlkv.model.modeling import MLKVForCausalLM
 
     config, model, source = resolve_model("smollm2")

@@ -30,9 +30,9 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm.auto import tqdm
 
-from mlkv.checkpoints import atomic_write, folder_lock
 from mlkv.data.sources import HFSource, ReadStats, is_hf_source, list_source_files, read_sources
 from mlkv.data.tokenizer import encode_texts, fingerprint, load_tokenizer, resolve_eos_id
+from mlkv.files import atomic_write, folder_lock
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def build_token_store(
 
 @contextlib.contextmanager
 def _build_lock(folder: Path) -> Iterator[None]:
-    """Build a cache folder one process at a time: ``mlkv.checkpoints.folder_lock`` that a second builder waits
+    """Build a cache folder one process at a time: ``mlkv.files.folder_lock`` that a second builder waits
     for. Temporary files a killed builder left in the folder are removed first."""
     with folder_lock(folder, "mlkv tokenize", wait=True):
         for stale in sorted(folder.glob(".*.tmp-*")):

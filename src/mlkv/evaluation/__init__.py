@@ -13,6 +13,6 @@
 - ``model_info``: what a result records about its model (KV cache size, parameters, ...).
 - ``command``: ``mlkv eval``.
 
-Models load with ``mlkv.checkpoints.load_model``. lm-eval (the ``eval`` extra) is imported only when a task or a
+Models load with ``mlkv.model.loading.load_model``. lm-eval (the ``eval`` extra) is imported only when a task or a
 harness-style perplexity runs.
 """

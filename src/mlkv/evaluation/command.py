@@ -18,13 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlkv.checkpoints import load_model
 from mlkv.errors import UsageError, require_extra
 from mlkv.evaluation.model_info import describe_model, model_device
 from mlkv.evaluation.perplexity import PERPLEXITY_FILES, perplexity_file, resolve_perplexity_path
 from mlkv.evaluation.results import RESULTS_FILE, compare, compare_rows, markdown_table, save_results, summary
 from mlkv.evaluation.task_selection import DEFAULT_TASKS, SUPPORTED_TASKS, TaskSelection, select_tasks
 from mlkv.evaluation.tasks import check_task_files, run_tasks
+from mlkv.model.loading import load_model
 from mlkv.settings import add_arguments, field_docs, from_args, setting
 
 __all__ = ["EvalSettings", "add_eval_arguments", "evaluate_checkpoint", "run_eval_command"]

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from mlkv import tables
-from mlkv.checkpoints import atomic_json
 from mlkv.evaluation.task_selection import PAPER_TASKS
+from mlkv.files import atomic_json
 
 __all__ = ["PAPER_COLUMNS", "RESULTS_FILE", "TASK_COLUMNS", "average_accuracy", "column_header", "column_key",
            "column_metric", "column_value", "compare", "compare_rows", "load_results", "markdown_table",
@@ -41,7 +41,7 @@ RESULTS_FILE = "eval_results.json"
 
 # ---- files ----------------------------------------------------------------------------------------------------------
 def save_results(results: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``results`` as JSON atomically (``mlkv.checkpoints.atomic_json``: numpy scalars and sets converted)."""
+    """Write ``results`` as JSON atomically (``mlkv.files.atomic_json``: numpy scalars and sets converted)."""
     return atomic_json(path, results)
 
 

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mlkv.checkpoints import load_model
 from mlkv.data.paths import data_file, default_data_dir
 from mlkv.errors import UsageError, require_extra
 from mlkv.evaluation.harness_log import quiet_harness
@@ -36,6 +35,7 @@ from mlkv.evaluation.model_info import describe_model, model_device
 from mlkv.evaluation.task_configs import TASK_FILES, TASKS_DIR
 from mlkv.evaluation.task_selection import (DEFAULT_TASKS, PAPER_TASKS, SUPPORTED_TASKS, TaskSelection,
                                             UnknownTaskError, check_tasks, select_tasks, task_manager)
+from mlkv.model.loading import load_model
 
 if TYPE_CHECKING:
     import torch
@@ -208,7 +208,7 @@ def _hub_errors(selection: TaskSelection):
 
 
 def _model_and_tokenizer(model, tokenizer, device: str | None, dtype: str | torch.dtype | None):
-    """``run_tasks``'s model: a checkpoint directory loaded with its tokenizer (``mlkv.checkpoints.load_model``), or
+    """``run_tasks``'s model: a checkpoint directory loaded with its tokenizer (``mlkv.model.loading.load_model``), or
     a loaded model moved to ``device`` if given, with ``tokenizer`` (an object, or a directory; default the model's
     ``name_or_path``)."""
     if isinstance(model, (str, os.PathLike)):

@@ -13,36 +13,28 @@ Usage::
 Design
 ------
 *One definition of the math.* The engine runs the model's own ``forward`` (embedding, ``MLKVDecoderLayer``,
-``MLKVAttention``, rotary, norms, ``lm_head``) with three things of its own: a cache object, a 4-D additive mask and
-an attention function.
+``MLKVAttention``, rotary, norms, ``lm_head``) with what it brings passed in as data: its cache
+(``cache.ProducerKVCache``, which also brings the attention that reads it: ``attention.engine_attention`` with the
+decode backend and each row's column range), a 4-D additive mask, and the stored fused Q/K/V weights
+(``qkv_weights``). The engine changes nothing on the model or its config, and no module state.
 
-* ``ProducerKVCache`` is duck-typed like a transformers ``Cache``: the producer layers call
-  ``update(k, v, layer_idx)``, which writes into a static buffer and returns views of it; consumers receive their
-  producer's K/V from the model exactly as in training. The cache owns ONE preallocated tensor
-  ``(2, producers, B, H_kv, T_max, D)``, so it holds ``plan.kv_bytes_per_token * B * T_max`` bytes and nothing for
-  consumer layers.
 * Prompts are LEFT-padded. Each row keeps its own rotary positions (``column - pad``), and every row writes a decode
   step at the same cache column, so a step's write is one ``index_copy_`` per K/V with a 1-element column tensor.
   The mask ``(B, 1, 1, W)`` (additive, model dtype; ``W`` = ``T_max`` rounded up to 16 so that the memory-efficient
   SDPA kernel takes it without padding) starts with each row's prompt columns open and every decode step opens its
-  own column (``index_fill_``) before the layers run. Prefill is ONE forward over the padded batch with a
-  ``(B, 1, P, P)`` causal-and-padding mask, or with no mask (``is_causal``, flash attention) when all prompts have
-  the same length.
-* Attention is registered as ``"mlkv_engine"`` in ``mlkv.model.modeling.ATTENTION_FUNCTIONS`` and selected only while the
-  engine runs the model. With a mask, PyTorch's CUDA SDPA falls back to the slow math kernel for grouped K/V
-  (``enable_gqa``), so for a single decode query the engine folds the query heads that share a K/V head into the
-  query-length axis, ``(B, H, 1, D) -> (B, H_kv, H/H_kv, D)`` (K/V read once, no repeat, any SDPA kernel with
-  masks); for a masked grouped prefill on CUDA K/V are repeated once.
+  own column (``index_fill_``) before the layers run; the cache's per-row ``[start, end)`` say the same to the
+  decode kernel. Prefill is ONE forward over the padded batch with a ``(B, 1, P, P)`` causal-and-padding mask, or
+  with no mask (``is_causal``, flash attention) when all prompts have the same length.
 * Bucketed attention length: a step at cache column ``c`` attends over the first
   ``S = min(ceil((c + 1) / bucket) * bucket, T_max)`` columns (masked beyond ``c``). Reads scale with the used
   context, not ``T_max``, and each bucket is one fixed-shape step, so it can be captured as a graph.
 * On CUDA each (bucket, sampling mode) decode step is captured ONCE as a ``torch.cuda.CUDAGraph`` before the
   prefill (warm-up on a side stream first, graphs share one memory pool) and replayed. All step state lives in
-  static device buffers (input token, per-row positions, cache column, mask, output buffer, finished flags,
-  temperature / top-p), and the step advances them itself: the host only replays, with no ``.item()``, no
-  allocation and no host-to-device copy per step. Sampling (temperature, top-k, top-p, exponential race instead of
-  ``multinomial``) is inside the graph. Stop tokens: finished rows emit ``pad_token_id``; the host looks at the
-  finished flags every ``stop_check_interval`` steps (one sync) to end early. The graph path is off on CPU.
+  static device buffers (input token, per-row positions, cache column and ranges, mask, output buffer, finished
+  flags, temperature / top-p), and the step advances them itself: the host only replays, with no ``.item()``, no
+  allocation and no host-to-device copy per step. Sampling (``sampling.sample``) is inside the graph. Stop tokens:
+  finished rows emit ``pad_token_id``; the host looks at the finished flags every ``stop_check_interval`` steps
+  (one sync) to end early. The graph path is off on CPU.
 * ``compile=True`` additionally runs the step through ``torch.compile`` (default mode, no cudagraphs of its own:
   the engine captures the compiled step itself) to fuse the small element-wise kernels; by default it then attends
   over the whole static cache (one compiled shape per engine setup, as gpt-fast does) unless ``bucket`` is given.
@@ -52,161 +44,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
-from mlkv.inference import kernels
-from mlkv.model.modeling import ATTENTION_FUNCTIONS
+from mlkv.inference.attention import DECODE_ATTENTION, choose_decode_attention, engine_attention
+from mlkv.inference.cache import ProducerKVCache
+from mlkv.inference.requests import normalize_prompts, stop_lists
+from mlkv.inference.sampling import Sampling, sample
 
-ENGINE_ATTENTION = "mlkv_engine"
 MASK_ALIGN = 16  # mask row stride multiple that the memory-efficient SDPA kernel takes without padding
-ATTN_BATCH_CHUNK = 32768  # CUDA grid dims y/z are < 65536: split larger batches for the attention kernel
-
-
-DECODE_ATTENTION = ("sdpa", "triton", "auto")  # MLKVEngine(decode_attention=...); "auto": triton where supported
-
-
-# ---- attention ------------------------------------------------------------------------------------------------------
-class _DecodeRanges:
-    """Per-row valid cache columns ``[start, end)`` (int32 device tensors, shape (B,)) of the engine that is running,
-    read by ``engine_attention`` to call the decode kernel; ``None`` while no engine uses the kernel."""
-
-    start: torch.Tensor | None = None
-    end: torch.Tensor | None = None
-
-
-def _sdpa(q, k, v, mask, scaling, is_causal=False, enable_gqa=False):
-    if q.shape[0] <= ATTN_BATCH_CHUNK:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling, is_causal=is_causal,
-                                              enable_gqa=enable_gqa)
-    outs = []
-    for s in range(0, q.shape[0], ATTN_BATCH_CHUNK):
-        e = s + ATTN_BATCH_CHUNK
-        m = None if mask is None else mask[s:e] if mask.shape[0] > 1 else mask
-        outs.append(F.scaled_dot_product_attention(q[s:e], k[s:e], v[s:e], attn_mask=m, scale=scaling,
-                                                   is_causal=is_causal, enable_gqa=enable_gqa))
-    return torch.cat(outs)
-
-
-def engine_attention(q, k, v, mask, scaling: float, dropout: float = 0.0, training: bool = False) -> torch.Tensor:
-    """SDPA for the engine: q (B, H, T, D), k/v (B, H_kv, S, D), mask additive/bool broadcastable to (B, 1, T, S) or
-    ``None`` (causal). Returns (B, T, H, D). No dropout: the engine is for inference."""
-    B, H, T, D = q.shape
-    Hkv = k.shape[1]
-    groups = H // Hkv
-    if T == 1 and _DecodeRanges.start is not None and kernels.supported(q, k, v):
-        # The split-K grouped kernel: per-row [start, end) instead of the mask.
-        out = kernels.decode_attention(q, k, v, _DecodeRanges.start, _DecodeRanges.end, scaling)  # (B, H, 1, D)
-        return out.transpose(1, 2)  # (B, 1, H, D)
-    if T == 1 and groups > 1:
-        # One query per row: the query heads that share a K/V head become that head's "query positions".
-        out = _sdpa(q.reshape(B, Hkv, groups, D), k, v, mask, scaling)  # (B, H_kv, G, D)
-        return out.reshape(B, 1, H, D)
-    if groups > 1 and mask is not None and q.is_cuda:
-        # Masked grouped prefill: CUDA SDPA would fall back to the math kernel; repeat K/V once instead.
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        groups = 1
-    out = _sdpa(q, k, v, mask, scaling, is_causal=mask is None and T > 1, enable_gqa=groups > 1)
-    return out.transpose(1, 2)
-
-
-ATTENTION_FUNCTIONS.setdefault(ENGINE_ATTENTION, engine_attention)
-
-
-@contextmanager
-def _engine_mode(model, fused: dict | None = None, ranges: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """While the engine runs ``model``: its attention function, the producers' stored fused QKV weights, and the
-    per-row column ranges for the decode kernel (``None``: SDPA with the mask)."""
-    config = model.config
-    old = config._attn_implementation
-    config._attn_implementation = ENGINE_ATTENTION
-    attns = [layer.self_attn for layer in model.model.layers] if fused else []
-    for attn in attns:
-        attn.qkv_weights = fused.get(attn.layer_idx)
-    _DecodeRanges.start, _DecodeRanges.end = ranges or (None, None)
-    try:
-        yield
-    finally:
-        config._attn_implementation = old
-        _DecodeRanges.start = _DecodeRanges.end = None
-        for attn in attns:
-            attn.qkv_weights = None
-
-
-# ---- cache ----------------------------------------------------------------------------------------------------------
-class ProducerKVCache:
-    """Static K/V for the producer layers only: one buffer ``(2, producers, B, H_kv, T_max, D)``.
-
-    ``update(k, v, layer_idx)`` (called by producer layers) writes a prefill chunk at columns ``[0, T)`` or a single
-    decode token at column ``col`` (a 1-element device tensor shared with the engine) and returns views of the first
-    ``kv_len`` columns. Consumers never touch the cache: the model hands them their producer's K/V.
-    """
-
-    is_compileable = True
-
-    def __init__(self, config, batch_size: int, max_len: int, device, dtype):
-        plan = config.sharing
-        self.producers = plan.producers
-        self.batch_size, self.max_len = batch_size, max_len
-        self.num_kv_heads, self.head_dim = config.num_key_value_heads, config.head_dim
-        self.storage = torch.zeros(2, len(self.producers), batch_size, self.num_kv_heads, max_len, self.head_dim,
-                                   device=device, dtype=dtype)
-        self._kv = {layer: (self.storage[0, i], self.storage[1, i]) for i, layer in enumerate(self.producers)}
-        self._source = list(config.kv_source_layers)
-        self.col = torch.zeros(1, dtype=torch.long, device=device)
-        self.kv_len = max_len
-
-    @property
-    def nbytes(self) -> int:
-        return self.storage.numel() * self.storage.element_size()
-
-    def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full ``(B, H_kv, T_max, D)`` K and V buffers of a producer, or of a consumer's producer."""
-        return self._kv[self._source[layer_idx]]
-
-    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
-        K, V = self._kv[layer_idx]
-        T = key_states.shape[2]
-        if T == 1:
-            K.index_copy_(2, self.col, key_states)
-            V.index_copy_(2, self.col, value_states)
-        else:
-            K[:, :, :T].copy_(key_states)
-            V[:, :, :T].copy_(value_states)
-        n = self.kv_len
-        return K[:, :, :n], V[:, :, :n]
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.kv_len
-
-
-# ---- sampling -------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Sampling:
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float | None = None
-
-    def __post_init__(self):
-        if self.do_sample:
-            if not self.temperature > 0:
-                raise ValueError(f"temperature ({self.temperature}) must be > 0 when sampling; use do_sample=False "
-                                 "for greedy decoding")
-            if self.top_k is not None and (int(self.top_k) != self.top_k or self.top_k < 1):
-                raise ValueError(f"top_k ({self.top_k}) must be a positive integer or None")
-            if self.top_p is not None and not 0 < self.top_p <= 1:
-                raise ValueError(f"top_p ({self.top_p}) must be in (0, 1] or None")
-
-    @property
-    def key(self) -> tuple:
-        """What changes the captured step's kernels (temperature and top-p values live in device buffers)."""
-        if not self.do_sample:
-            return ("greedy",)
-        return ("sample", int(self.top_k or 0), self.top_p is not None and self.top_p < 1)
 
 
 @dataclass
@@ -238,11 +85,13 @@ class MLKVEngine:
     ``bucket``: attention length granularity of decode steps (``None``: whole cache). ``cuda_graphs``: ``None`` =
     on for CUDA models. ``compile``: run the step through ``torch.compile`` (``True`` or a mode string).
     ``fuse_qkv``: keep one concatenated Q/K/V weight per producer (``fused_bytes``; refreshed from the parameters at
-    every ``generate``/``prepare``) instead of concatenating the weights in every step.
+    every ``generate``/``prepare``; passed to the model's forward as ``qkv_weights``) instead of concatenating the
+    weights in every step.
     ``decode_attention``: ``"sdpa"`` (default: PyTorch's SDPA with the mask), ``"triton"`` (the grouped split-K
     kernel of ``mlkv.inference.kernels``, reading each row's ``[start, end)`` columns; CUDA only) or ``"auto"``
-    (the kernel where it supports the model, else SDPA). SDPA stays the default until the kernel's speed is
-    measured on the GPU (``benchmarks/decode_kernel.py``).
+    (the kernel where it supports the model, else SDPA), resolved once here and given to every cache the engine
+    builds (``ProducerKVCache.decode_attention``). SDPA stays the default until the kernel's speed is measured on
+    the GPU (``benchmarks/decode_kernel.py``).
     """
 
     def __init__(self, model, *, max_batch_size: int | None = None, max_len: int | None = None,
@@ -262,7 +111,7 @@ class MLKVEngine:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError(f"cuda_graphs=True needs a CUDA model; this model is on {self.device}")
         self.cuda_graphs = bool(cuda_graphs)
-        self.decode_attention = self._choose_decode_attention(decode_attention)
+        self.decode_attention = choose_decode_attention(decode_attention, self.config, self.device, self.dtype)
         if bucket == "auto":
             bucket = None if compile else 256
         if bucket is not None and bucket < 1:
@@ -293,26 +142,6 @@ class MLKVEngine:
             if max_batch_size is None or max_len is None:
                 raise ValueError("give both max_batch_size and max_len to preallocate, or neither")
             self.setup(max_batch_size, max_len)
-
-    def _choose_decode_attention(self, choice: str) -> str:
-        """``"sdpa"`` or ``"triton"`` for ``decode_attention`` (see ``DECODE_ATTENTION``)."""
-        if choice not in DECODE_ATTENTION:
-            raise ValueError(f"decode_attention ({choice!r}) must be one of {', '.join(DECODE_ATTENTION)}")
-        c = self.config
-        head_dim = c.head_dim
-        probe = torch.empty(1, c.num_attention_heads, 1, head_dim, device=self.device, dtype=self.dtype)
-        fits = kernels.supported(probe, torch.empty(1, c.num_key_value_heads, 1, head_dim, device=self.device,
-                                                    dtype=self.dtype))
-        if choice == "triton" and not fits:
-            raise ValueError("decode_attention='triton' needs a CUDA model in bf16/fp16/fp32 with head_dim 64 or "
-                             f"128 and the triton package (this model: {self.device}, {self.dtype}, head_dim "
-                             f"{head_dim}); use 'sdpa' or 'auto'")
-        return "triton" if choice == "triton" or (choice == "auto" and fits) else "sdpa"
-
-    def _mode(self):
-        use_kernel = self.decode_attention == "triton" and self.cache is not None
-        ranges = (self.row_start, self.row_end) if use_kernel else None
-        return _engine_mode(self.model, self._fused, ranges)
 
     @torch.no_grad()
     def refresh_weights(self) -> None:
@@ -364,7 +193,7 @@ class MLKVEngine:
             return
         self.release()
         dev, B = self.device, batch_size
-        self.cache = ProducerKVCache(self.config, B, max_len, dev, self.dtype)
+        self.cache = ProducerKVCache(self.config, B, max_len, dev, self.dtype, self.decode_attention)
         self.batch_size, self.max_len = B, max_len
         self.col = self.cache.col  # (1,) cache column of the current step's token
         neg = torch.finfo(self.dtype).min
@@ -373,8 +202,6 @@ class MLKVEngine:
         self.pos = torch.zeros(B, 1, dtype=torch.long, device=dev)  # its rotary position (per row)
         self.step = torch.zeros(1, dtype=torch.long, device=dev)  # output column of the next emitted token
         self.done = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.row_start = torch.zeros(B, dtype=torch.int32, device=dev)  # first valid cache column (left padding)
-        self.row_end = torch.zeros(B, dtype=torch.int32, device=dev)  # one past the current token's column
         self.out = torch.full((B, max(max_new_tokens, 1)), self.pad_token_id, dtype=torch.long, device=dev)
         self.stop_ids = torch.full((B, 8), -1, dtype=torch.long, device=dev)
         self._pad = torch.full((), self.pad_token_id, dtype=torch.long, device=dev)
@@ -389,7 +216,7 @@ class MLKVEngine:
         self._pool = None
         self.cache = None
         for name in ("mask", "tok", "pos", "step", "done", "out", "stop_ids", "col", "_pad", "_temperature",
-                     "_top_p", "row_start", "row_end"):
+                     "_top_p"):
             self.__dict__.pop(name, None)
         self.batch_size = self.max_len = 0
 
@@ -401,26 +228,8 @@ class MLKVEngine:
 
     def _forward(self, ids, mask, pos) -> torch.Tensor:
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=self.cache,
-                         use_cache=True, logits_to_keep=1)
+                         use_cache=True, logits_to_keep=1, qkv_weights=self._fused or None)
         return out.logits[:, -1]  # (B, V)
-
-    def _sample(self, logits: torch.Tensor, key: tuple, generator=None) -> torch.Tensor:
-        if key[0] == "greedy":
-            return logits.argmax(-1)
-        _, top_k, use_top_p = key
-        x = logits.float() / self._temperature
-        if top_k:
-            kth = torch.topk(x, min(top_k, x.shape[-1]), dim=-1).values[:, -1:]
-            x = x.masked_fill(x < kth, float("-inf"))
-        if use_top_p:
-            sx, idx = torch.sort(x, dim=-1, descending=True)
-            p = sx.softmax(-1)
-            before = p.cumsum(-1) - p  # probability mass ranked above each token
-            sx = sx.masked_fill(before > self._top_p, float("-inf"))  # the top token always stays
-            x = x.scatter(-1, idx, sx)
-        probs = x.softmax(-1)
-        race = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(1e-20)
-        return (probs / race).argmax(-1)  # = a draw from probs, without multinomial's host sync
 
     def _emit(self, nxt: torch.Tensor, check_stops: bool) -> None:
         nxt = torch.where(self.done, self._pad, nxt)
@@ -436,9 +245,9 @@ class MLKVEngine:
         """One token for every row, reading and advancing the static state only (captured as a graph on CUDA)."""
         self.cache.kv_len = kv_len
         self.mask.index_fill_(-1, self.col, 0.0)  # the current token's column opens for every row
-        self.row_end.copy_(self.col + 1)  # (B,) from (1,): the same column range end for every row
+        self.cache.end.copy_(self.col + 1)  # (B,) from (1,): the same column range end for every row
         logits = self._forward(self.tok, self.mask[..., :kv_len], self.pos)
-        self._emit(self._sample(logits, key, generator), check_stops)
+        self._emit(sample(logits, key, self._temperature, self._top_p, generator), check_stops)
 
     def _capture(self, kv_len: int, key: tuple, check_stops: bool) -> None:
         gkey = (kv_len, key, check_stops)
@@ -453,14 +262,14 @@ class MLKVEngine:
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), self._mode():
+        with torch.cuda.stream(stream):
             for _ in range(2):  # cuBLAS handles, SDPA kernel choice, compile
                 reset()
                 fn(kv_len, key, check_stops)
         torch.cuda.current_stream().wait_stream(stream)
         reset()
         graph = torch.cuda.CUDAGraph()
-        with self._mode(), torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool):
             fn(kv_len, key, check_stops)
         self._graphs[gkey] = graph
 
@@ -469,48 +278,9 @@ class MLKVEngine:
         if graph is not None:
             graph.replay()
         else:
-            with self._mode():
-                self._step_fn(kv_len, key, check_stops, self._generator)
+            self._step_fn(kv_len, key, check_stops, self._generator)
 
     # ---- generation -------------------------------------------------------------------------------------------------
-    def _normalize_prompts(self, prompts) -> list[list[int]]:
-        if isinstance(prompts, torch.Tensor):
-            if prompts.dim() == 1:
-                prompts = prompts[None]
-            if prompts.dim() != 2:
-                raise ValueError(f"prompts tensor must be (batch, length), got shape {tuple(prompts.shape)}")
-            rows = prompts.tolist()
-        else:
-            rows = [p.tolist() if isinstance(p, torch.Tensor) else list(p) for p in prompts]
-        if not rows:
-            raise ValueError("prompts is empty: give at least one prompt")
-        vocab = self.config.vocab_size
-        for i, r in enumerate(rows):
-            if not r:
-                raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-            if min(r) < 0 or max(r) >= vocab:
-                raise ValueError(f"prompt {i} has token ids outside [0, {vocab})")
-        return [[int(t) for t in r] for r in rows]
-
-    def _stop_lists(self, stop_tokens, batch: int) -> list[list[int]]:
-        if stop_tokens is None:
-            eos = getattr(self.model.generation_config, "eos_token_id", None)
-            stop_tokens = [] if eos is None else eos
-        if isinstance(stop_tokens, torch.Tensor):
-            stop_tokens = stop_tokens.tolist()
-        if isinstance(stop_tokens, int):
-            return [[stop_tokens]] * batch
-        stop_tokens = list(stop_tokens)
-        if any(s is None or isinstance(s, (list, tuple, torch.Tensor)) for s in stop_tokens):  # one entry per row
-            if len(stop_tokens) != batch:
-                raise ValueError(f"per-row stop_tokens has {len(stop_tokens)} entries for {batch} prompts")
-            rows = []
-            for s in stop_tokens:
-                s = [] if s is None else s.tolist() if isinstance(s, torch.Tensor) else s
-                rows.append([int(t) for t in ([s] if isinstance(s, int) else s)])
-            return rows
-        return [[int(t) for t in stop_tokens]] * batch
-
     def prepare(self, batch: int, prompt_len: int, max_new_tokens: int, sampling: Sampling = Sampling(),
                 stops: list[list[int]] | None = None) -> None:
         """Allocate (if needed), load the stop ids and capture the decode graphs a call of this shape replays."""
@@ -572,10 +342,9 @@ class MLKVEngine:
             allowed |= torch.eye(P, dtype=torch.bool, device=dev)[None]  # pad queries see themselves: no NaN
             mask4 = torch.zeros(B, 1, P, P, dtype=self.dtype, device=dev).masked_fill_(~allowed[:, None], neg)
         self.cache.kv_len = P
-        self.row_start.copy_(pad)  # the decode kernel's rows start after their padding (a 1-token prompt uses it)
-        self.row_end.fill_(P)
-        with self._mode():
-            logits = self._forward(ids, mask4, positions)
+        self.cache.start.copy_(pad)  # the decode kernel's rows start after their padding (a 1-token prompt uses it)
+        self.cache.end.fill_(P)
+        logits = self._forward(ids, mask4, positions)
         self.mask.fill_(neg)
         self.mask[:, 0, 0, :P].masked_fill_(key_ok, 0.0)
         self.pos.copy_(torch.tensor(lengths, device=dev)[:, None] - 1)
@@ -583,7 +352,7 @@ class MLKVEngine:
         self.step.zero_()
         self.done.zero_()
         self.out.fill_(self.pad_token_id)
-        self._emit(self._sample(logits, sampling.key, self._generator), check_stops)
+        self._emit(sample(logits, sampling.key, self._temperature, self._top_p, self._generator), check_stops)
         return P
 
     @torch.no_grad()
@@ -634,10 +403,10 @@ class MLKVEngine:
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens ({max_new_tokens}) must be at least 1")
-        rows = self._normalize_prompts(prompts)
+        rows = normalize_prompts(prompts, self.config.vocab_size)
         n = len(rows)
         sampling = Sampling(do_sample, temperature, top_k, top_p)
-        stops = self._stop_lists(stop_tokens, n)
+        stops = stop_lists(stop_tokens, n, getattr(self.model.generation_config, "eos_token_id", None))
         check = any(stops)
         P = max(len(r) for r in rows)
         self.prepare(n, P, max_new_tokens, sampling, stops)
@@ -673,14 +442,13 @@ class MLKVEngine:
         prefill, no graph): what a real decode step at that size needs. Raises ``torch.cuda.OutOfMemoryError``."""
         self.setup(batch_size, context)
         self.mask.fill_(0.0)
-        self.row_start.zero_()
+        self.cache.start.zero_()
         self.col.fill_(context - 1)
         self.pos.fill_(context - 1)
         self.step.zero_()
         self.done.zero_()
         self.tok.zero_()
-        with self._mode():
-            self._decode_step(context, Sampling().key, False)
+        self._decode_step(context, Sampling().key, False)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -719,4 +487,6 @@ def generate(model, prompts, max_new_tokens: int = 32, *, temperature: float = 0
     return out.tokens
 
 
-__all__ = ["MLKVEngine", "ProducerKVCache", "Generation", "Sampling", "engine_attention", "generate"]
+# The cache, sampling and attention names live in their own modules now; importing them from here keeps working.
+__all__ = ["MLKVEngine", "Generation", "generate", "ProducerKVCache", "Sampling", "engine_attention",
+           "DECODE_ATTENTION"]

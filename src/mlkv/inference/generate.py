@@ -44,7 +44,7 @@ def run_generate_command(args: argparse.Namespace) -> int:
     """Continue prompts with a checkpoint, using its tokenizer. --engine hf uses transformers' generate(); --engine
     fast uses mlkv's static-cache engine (CUDA-graph decode on GPU)."""
     prompts = _read_prompts(args)
-    from mlkv.checkpoints import default_device, load_model  # torch and transformers: not needed for --help
+    from mlkv.model.loading import default_device, load_model  # torch and transformers: not needed for --help
 
     model, tok = load_model(args.model, args.device or default_device(), args.dtype, args.tokenizer)
     ids = [tok(p)["input_ids"] for p in prompts]

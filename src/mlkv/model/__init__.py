@@ -1,5 +1,6 @@
 """The model: sharing plans (``sharing``), architecture families (``flavors``), the config and the decoder
-(``config``, ``modeling``), and conversion of Hugging Face checkpoints (``convert``).
+(``config``, ``modeling``), loading a checkpoint folder (``loading``), and conversion of Hugging Face checkpoints
+(``convert``).
 
 Names are imported on first use, so ``mlkv.model.sharing`` (and ``mlkv plan``) stays free of torch and
 transformers; importing ``MLKVForCausalLM`` registers the model with transformers' Auto classes.

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from mlkv.checkpoints import COMPANION_FILES, atomic_dir
+from mlkv.checkpoints import COMPANION_FILES
+from mlkv.files import atomic_dir
 from mlkv.model.config import SAVED_ONLY_FIELDS, MLKVConfig
 from mlkv.model.flavors import NATIVE_ARCHITECTURE, SUPPORTED_ARCHITECTURES, FusedQKV, for_architecture
 from mlkv.model.sharing import SharingPlan, resolve_plan
@@ -350,7 +351,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init
                        calibration: torch.Tensor | None = None) -> Path:
     """Convert ``src`` to an mlkv checkpoint in ``dst``, with the source's tokenizer and generation files.
 
-    The whole conversion runs inside ``mlkv.checkpoints.atomic_dir``: it holds ``dst``'s lock (a second writer
+    The whole conversion runs inside ``mlkv.files.atomic_dir``: it holds ``dst``'s lock (a second writer
     gets a ``FolderInUseError`` at once), removes what a killed conversion left, and writes a temporary folder
     (holding a dequantized GGUF source too) renamed to ``dst`` when complete; with ``overwrite`` an existing ``dst``
     is set aside and deleted only once the new one is in place."""

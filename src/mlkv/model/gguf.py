@@ -81,7 +81,7 @@ def materialize(spec: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dt
                 overwrite: bool = False) -> Path:
     """Write the GGUF model as a Hugging Face folder (safetensors, config, tokenizer with its chat template,
     generation config) at ``dst``, atomically; returns ``dst``."""
-    from mlkv.checkpoints import atomic_dir, atomic_json
+    from mlkv.files import atomic_dir, atomic_json
 
     model, tok = load_gguf(spec, dtype)
     model = _plain(model)

@@ -9,7 +9,11 @@ and cached and uncached paths agree (the reference MLKV code shared un-rotated k
 keys in generation).
 
 Attention runs through ``F.scaled_dot_product_attention`` with grouped K/V (``enable_gqa``); ``eager_attention`` is
-the plain reference that tests compare the fast path against (``attn_implementation="eager"``).
+the plain reference that tests compare the fast path against (``attn_implementation="eager"``). A cache may bring
+its own attention (``cache.attention``, the signature of these two): the inference engine's static cache does, to
+read its own layout (per-row column ranges, a decode kernel). The model then attends through it in every layer and
+passes the caller's mask to it as given. The engine's stored fused Q/K/V weights come in the same way, as data:
+the ``qkv_weights`` argument of ``forward``.
 """
 
 from __future__ import annotations
@@ -180,7 +184,6 @@ class MLKVAttention(nn.Module):
             self.k_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
             self.v_proj = nn.Linear(h, self.num_kv_heads * self.head_dim, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, h, bias=config.attention_out_bias)
-        self.qkv_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None  # see ``project``
 
     def fused_qkv(self, out: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The producer's Q, K and V weights (and biases) concatenated: ``((H + 2 H_kv) D, hidden)``, a copy (written
@@ -191,19 +194,19 @@ class MLKVAttention(nn.Module):
         bias = torch.cat([p.bias for p in projs], out=out_b) if self.q_proj.bias is not None else None
         return weight, bias
 
-    def project(self, x: torch.Tensor):
+    def project(self, x: torch.Tensor, qkv_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         """Q (B, H, T, D) and, for a producer, K and V (B, H_kv, T, D), none of them rotated yet.
 
         A producer runs its three projections as one matmul over the concatenated weights, as GPT-NeoX's fused
         ``query_key_value`` does. The concatenation copies the weights on every call: negligible next to a training
-        step's matmuls, but at one decoded token it costs more than the matmul itself, so the decoding engine sets
-        ``qkv_weights`` to a stored copy (kept in step with the parameters by the engine) while it runs the model.
+        step's matmuls, but at one decoded token it costs more than the matmul itself, so the decoding engine passes
+        ``qkv_weights``, a stored copy of ``fused_qkv()`` that it keeps in step with the parameters.
         """
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
         if not self.is_producer:
             return self.q_proj(x).view(B, T, H, D).transpose(1, 2), None, None  # (B, H, T, D)
-        weight, bias = self.qkv_weights if self.qkv_weights is not None else self.fused_qkv()
+        weight, bias = qkv_weights if qkv_weights is not None else self.fused_qkv()
         q, k, v = F.linear(x, weight, bias).split([H * D, H_kv * D, H_kv * D], dim=-1)
         q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = k.view(B, T, H_kv, D).transpose(1, 2)  # (B, H_kv, T, D)
@@ -211,14 +214,17 @@ class MLKVAttention(nn.Module):
         return q, k, v
 
     def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor] | None, position_embeddings, attention_mask,
-                past_key_values: Cache | None = None):
+                past_key_values: Cache | None = None, attention: Callable | None = None,
+                qkv_weights: tuple[torch.Tensor, torch.Tensor | None] | None = None):
         """``kv`` is the producer's (K, V) for a consumer and ``None`` for a producer. Returns (out, K, V).
 
         A producer rotates its keys once and appends them to the cache; consumers receive those rotated keys.
+        ``attention``: the function to attend with (the cache's own), else the config's; ``qkv_weights``: see
+        ``project``.
         """
         B, T, _ = x.shape
         cos, sin = position_embeddings
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, qkv_weights)
         q = apply_rotary(q, cos, sin)
         if self.is_producer:
             k = apply_rotary(k, cos, sin)
@@ -226,7 +232,7 @@ class MLKVAttention(nn.Module):
                 k, v = past_key_values.update(k, v, self.layer_idx)  # (B, H_kv, S, D)
         else:
             k, v = kv
-        attend = ATTENTION_FUNCTIONS.get(self.config._attn_implementation, sdpa_attention)
+        attend = attention or ATTENTION_FUNCTIONS.get(self.config._attn_implementation, sdpa_attention)
         dropout = self.config.attention_dropout if self.training else 0.0
         out = attend(q, k, v, attention_mask, self.scaling, dropout, self.training)  # (B, T, H, D)
         out = self.o_proj(out.reshape(B, T, self.num_heads * self.head_dim))  # (B, T, hidden)
@@ -245,11 +251,12 @@ class MLKVDecoderLayer(GradientCheckpointingLayer):
         self.mlp = MLKVMLP(config)
 
     def forward(self, hidden_states, shared_k=None, shared_v=None, *, attention_mask=None,
-                position_embeddings=None, past_key_values: Cache | None = None, **kwargs):
+                position_embeddings=None, past_key_values: Cache | None = None, attention: Callable | None = None,
+                qkv_weights: tuple | None = None, **kwargs):
         # Shared K/V travel as positional arguments so that gradient checkpointing passes their gradients on.
         kv = None if shared_k is None else (shared_k, shared_v)
         attn, k, v = self.self_attn(self.input_layernorm(hidden_states), kv, position_embeddings, attention_mask,
-                                    past_key_values)
+                                    past_key_values, attention, qkv_weights)
         if self.parallel:
             hidden_states = hidden_states + attn + self.mlp(self.post_attention_layernorm(hidden_states))
         else:
@@ -292,7 +299,10 @@ class MLKVModel(MLKVPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 past_key_values: Cache | None = None, use_cache: bool | None = None,
                 output_hidden_states: bool | None = None, cache: Cache | None = None,
-                **kwargs) -> BaseModelOutputWithPast:
+                qkv_weights: dict[int, tuple] | None = None, **kwargs) -> BaseModelOutputWithPast:
+        """``qkv_weights``: ``{producer layer: fused_qkv()}``, stored copies to project with (the decoding engine's).
+        A cache with an ``attention`` method (the engine's) is attended through in every layer and gets
+        ``attention_mask`` as given; otherwise the mask comes from transformers' ``create_causal_mask``."""
         past_key_values = past_key_values if past_key_values is not None else cache
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
@@ -308,8 +318,13 @@ class MLKVModel(MLKVPreTrainedModel):
         if position_ids is None:
             past_seen = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = (torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen)[None]
-        # The cache is passed by position: its keyword is ``past_key_values`` before transformers 5.24, ``cache`` after.
-        mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values, position_ids=position_ids)
+        attention = getattr(past_key_values, "attention", None)
+        if attention is not None:
+            mask = attention_mask  # the cache's owner built it for the cache's layout
+        else:  # the cache goes by position: its keyword is ``past_key_values`` before transformers 5.24, then ``cache``
+            mask = create_causal_mask(self.config, inputs_embeds, attention_mask, past_key_values,
+                                      position_ids=position_ids)
+        qkv_weights = qkv_weights or {}
         hidden = inputs_embeds
         position_embeddings = self.rotary_emb(hidden, position_ids)
         shared: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -320,7 +335,8 @@ class MLKVModel(MLKVPreTrainedModel):
             source = self.config.kv_source_layers[i]
             k_in, v_in = shared[source] if source != i else (None, None)
             hidden, k, v = layer(hidden, k_in, v_in, attention_mask=mask, position_embeddings=position_embeddings,
-                                 past_key_values=past_key_values)
+                                 past_key_values=past_key_values, attention=attention,
+                                 qkv_weights=qkv_weights.get(i))
             if source == i:
                 shared[i] = (k, v)
         hidden = self.norm(hidden)
@@ -348,10 +364,11 @@ class MLKVForCausalLM(MLKVPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
                 past_key_values: Cache | None = None, labels=None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, output_hidden_states: bool | None = None,
-                return_dict: bool | None = None, cache: Cache | None = None, **kwargs) -> CausalLMOutputWithPast:
+                return_dict: bool | None = None, cache: Cache | None = None,
+                qkv_weights: dict[int, tuple] | None = None, **kwargs) -> CausalLMOutputWithPast:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          inputs_embeds=inputs_embeds, past_key_values=past_key_values, cache=cache,
-                         use_cache=use_cache, output_hidden_states=output_hidden_states)
+                         use_cache=use_cache, output_hidden_states=output_hidden_states, qkv_weights=qkv_weights)
         hidden = out.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden[:, keep, :])  # (B, T_keep, V)

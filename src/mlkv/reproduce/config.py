@@ -15,8 +15,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlkv.checkpoints import atomic_json
 from mlkv.evaluation.tasks import DEFAULT_TASKS, check_tasks
+from mlkv.files import atomic_json
 from mlkv.model.convert import DEFAULT_INIT, INITS
 from mlkv.model.sharing import PAPER_PRESETS
 from mlkv.reproduce.source import PRETRAIN, Source, canonical_plan, describe_source

@@ -22,7 +22,7 @@ def eval_one(s: Settings, data: Path, name: str, folder: Path, path: Path) -> No
     """Evaluate one model and write ``path``: perplexities always, the zero-shot tasks for ``task_runs`` (not the
     init comparison's extra runs). Standard errors of non-mean metrics (LAMBADA perplexity) use 100 bootstrap
     resamples."""
-    from mlkv.checkpoints import load_model
+    from mlkv.model.loading import load_model
     from mlkv.evaluation.perplexity import perplexity_file
     from mlkv.evaluation.results import save_results
     from mlkv.evaluation.tasks import run_tasks

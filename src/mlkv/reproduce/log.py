@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from mlkv.checkpoints import atomic_json, clean_stale_temps, folder_lock
+from mlkv.files import atomic_json, clean_stale_temps, folder_lock
 
 __all__ = ["say", "read_done", "mark_done"]
 

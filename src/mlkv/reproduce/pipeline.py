@@ -41,7 +41,7 @@ import threading
 import time
 from pathlib import Path
 
-from mlkv.checkpoints import atomic_json, atomic_write, clean_stale_temps_under, folder_lock
+from mlkv.files import atomic_json, atomic_write, clean_stale_temps_under, folder_lock
 from mlkv.model.convert import DEFAULT_INIT
 from mlkv.reproduce.config import Settings, check_settings, resolve_settings, source_of
 from mlkv.reproduce.evaluate import card_name, stage_eval

@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from mlkv.checkpoints import atomic_json, copy_companions
+from mlkv.checkpoints import copy_companions
 from mlkv.errors import UsageError
+from mlkv.files import atomic_json
 from mlkv.training.outdir import CHECKPOINT, STATE_FILE, fsync_files, staging
 from mlkv.training.runtime import Dist
 

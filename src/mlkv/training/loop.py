@@ -21,7 +21,7 @@ A NaN/inf loss or gradient norm stops the run with ``NonFiniteLossError`` naming
 stays. (Each step's loss is read on the host one step late, while the next step runs, so the GPU never waits for the
 host; the read happens at once before any evaluation or checkpoint.)
 
-``train`` holds the output folder's lock (``mlkv.checkpoints.folder_lock``) throughout and runs these steps in order:
+``train`` holds the output folder's lock (``mlkv.files.folder_lock``) throughout and runs these steps in order:
 find the checkpoint to resume (checking the folder and the run's settings), load the models, load the data, build
 the loss model, optimizer and schedule, restore or seed, then the optimizer steps (``_train_step``, read back by
 ``_read_step``, with ``_evaluate`` and ``_save`` between them), and finish (the final model and the summary).
@@ -45,7 +45,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mlkv.checkpoints import companion_files, folder_lock
+from mlkv.checkpoints import companion_files
+from mlkv.files import folder_lock
 from mlkv.training.checkpoint import (CHECKPOINT, STATE_FILE, full_model_state, load_checkpoint, read_state,
                                       save_checkpoint, save_model, select_checkpoint)
 from mlkv.training.config import DEFAULT_CHUNK_TOKENS, TrainConfig, TrainHooks, check_config, parse_tokens

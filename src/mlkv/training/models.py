@@ -2,7 +2,7 @@
 of distillation, and the tokenizer, with the checks that they fit together.
 
 ``--model`` is a checkpoint directory (config.json + weights: uptraining, loaded through
-``mlkv.checkpoints.load_model``), a directory or file holding only a config.json, or a preset name of
+``mlkv.model.loading.load_model``), a directory or file holding only a config.json, or a preset name of
 ``mlkv.PRESETS`` (random init from ``--seed``; ``--plan`` picks the K/V sharing plan).
 """
 
@@ -15,8 +15,9 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mlkv import PRESETS, MLKVConfig, preset_config
-from mlkv.checkpoints import TOKENIZER_FILES, has_weights, load_model, require_checkpoint
+from mlkv.checkpoints import TOKENIZER_FILES, has_weights, require_checkpoint
 from mlkv.errors import UsageError
+from mlkv.model.loading import load_model
 
 __all__ = ["load_student", "load_teacher", "load_trained", "model_config", "check_seq_len", "resolve_tokenizer",
            "check_vocab", "check_teacher_shape"]

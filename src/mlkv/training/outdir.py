@@ -1,7 +1,7 @@
 """A run's output folder (``--out``): what may already be in it, the temporary folders written there, and the
 final model's atomic save.
 
-* The run holds ``mlkv.checkpoints.folder_lock(out)`` from start to end (``loop.train``): a second writer of the
+* The run holds ``mlkv.files.folder_lock(out)`` from start to end (``loop.train``): a second writer of the
   same folder gets a ``FolderInUseError`` naming the holder.
 * ``prepare_out_folder``: a folder that holds another model or other files is refused unless ``--overwrite``; one
   with a checkpoint is refused unless ``--resume`` (or ``--overwrite``, which removes the earlier run's checkpoint
@@ -25,7 +25,8 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from mlkv.checkpoints import COMPANION_FILES, clean_stale_temps, temp_path
+from mlkv.checkpoints import COMPANION_FILES
+from mlkv.files import clean_stale_temps, temp_path
 
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """The inference benchmark (``mlkv bench``): the engine next to transformers' ``generate()`` for each sharing plan.
 
-``settings.py`` (``BenchSettings``, the flags), ``memory.py`` (byte counts, allocators, max batch / context search),
-``measure.py`` (timing), ``run.py`` (``run_bench``), ``report.py`` (summary, JSON, CSV, plots, table) and
-``command.py`` (the CLI). The names below are imported lazily, so ``mlkv bench --help`` does not load torch.
+``settings.py`` (``BenchSettings``, the flags), ``models.py`` (the model timed and each plan's model),
+``memory.py`` (byte counts, allocators, max batch / context search), ``measure.py`` (timing), ``run.py``
+(``run_bench``), ``report.py`` (summary, JSON, CSV, plots, table) and ``command.py`` (the CLI). The names below are
+imported lazily, so ``mlkv bench --help`` does not load torch.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "run_bench": "run", "resolve_model": "run", "build_model": "run",
+    "run_bench": "run", "resolve_model": "models", "build_model": "models",
     "BenchSettings": "settings", "parse_bucket": "settings",
     "search_max": "memory", "find_max_batch": "memory", "find_max_context": "memory", "cuda_try_fit": "memory",
     "simulated_try_fit": "memory", "measure_cache_allocation": "memory", "weight_bytes": "memory",

@@ -14,7 +14,8 @@ from collections.abc import Callable
 
 import torch
 
-from mlkv.inference.engine import MLKVEngine, ProducerKVCache
+from mlkv.inference.cache import ProducerKVCache
+from mlkv.inference.engine import MLKVEngine
 from mlkv.model.config import MLKVConfig
 from mlkv.model.modeling import MLKVForCausalLM
 

@@ -9,7 +9,7 @@ import json
 import sys
 from pathlib import Path
 
-from mlkv.checkpoints import atomic_write
+from mlkv.files import atomic_write
 from mlkv.inference.bench.memory import GB
 from mlkv.tables import fmt, text_table
 

@@ -23,7 +23,8 @@ directory is given: speeds and memory do not depend on the values.
 
 ``run_bench`` runs in named steps: ``_prepare`` (every argument checked before anything is built), then per plan
 ``_bench_plan`` (``_generate_rows``, ``_step_rows``, ``_searches``), then ``_compiled_runs`` and ``_finish``. The
-memory search lives in ``memory.py``, the timing in ``measure.py``, the outputs in ``report.py``.
+models live in ``models.py``, the memory search in ``memory.py``, the timing in ``measure.py``, the outputs in
+``report.py``.
 """
 
 from __future__ import annotations
@@ -38,92 +39,23 @@ from pathlib import Path
 
 import torch
 
-from mlkv.checkpoints import default_device, has_weights, load_model, parse_dtype
 from mlkv.inference.bench.measure import (agreement, bound_ratios, engine_run, hf_run, measure_bandwidth,
                                           random_prompts, speedups, time_at_max_batch)
 from mlkv.inference.bench.memory import (GB, TryFit, cuda_try_fit, find_max_batch, find_max_context, free_cuda,
                                          measure_cache_allocation, set_budget, simulated_try_fit, step_weight_bytes,
                                          weight_bytes)
 from mlkv.inference.bench.report import print_report, summary, write_outputs
+from mlkv.inference.bench.models import build_model, gguf_model, plan_label, resolve_model
 from mlkv.inference.bench.settings import BenchSettings
-from mlkv.model.config import PRESETS, MLKVConfig, preset_config
+from mlkv.model.config import MLKVConfig
+from mlkv.model.loading import default_device, parse_dtype
 from mlkv.model.modeling import MLKVForCausalLM
 from mlkv.model.sharing import PAPER_PRESETS, PAPER_SHAPE, resolve_plan
 
-__all__ = ["run_bench", "resolve_model", "gguf_model", "build_model", "plan_label", "COMPILE_RESERVE_S"]
+# resolve_model ... plan_label live in models.py; importing them from here keeps working.
+__all__ = ["run_bench", "COMPILE_RESERVE_S", "resolve_model", "gguf_model", "build_model", "plan_label"]
 
 COMPILE_RESERVE_S = 90  # seconds a compiled run (one compilation + timing) is given before the deadline
-
-
-# ---- models ---------------------------------------------------------------------------------------------------------
-def resolve_model(model_or_preset) -> tuple[MLKVConfig, MLKVForCausalLM | Path | None, str]:
-    """``(config, loaded, description)`` from a preset name, a directory, a ``.gguf`` file or known GGUF name
-    (``smollm2``), a config or a model; ``loaded`` is the given or converted model, a checkpoint folder with
-    weights, or ``None`` (random weights of the config's shape)."""
-    if isinstance(model_or_preset, MLKVForCausalLM):
-        return model_or_preset.config, model_or_preset, "given model"
-    if isinstance(model_or_preset, MLKVConfig):
-        return model_or_preset, None, "given config"
-    name = str(model_or_preset)
-    if name in PRESETS:
-        return preset_config(name), None, f"preset {name}"
-    from mlkv.model.gguf import is_gguf
-
-    if is_gguf(name):
-        return gguf_model(name)
-    path = Path(name)
-    if path.is_dir():
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
-        if not isinstance(config, MLKVConfig):
-            raise ValueError(f"{path} holds a {type(config).__name__}, not an mlkv model: convert it first")
-        if not has_weights(path):  # a config alone: its shape, random weights (speed does not care)
-            return config, None, f"config {path} (no weights: random)"
-        return config, path, f"checkpoint {path}"
-    raise ValueError(f"model ({name!r}) is neither a preset ({', '.join(sorted(PRESETS))}), a .gguf file or known "
-                     f"GGUF name (smollm2), nor a directory")
-
-
-def gguf_model(spec: str) -> tuple[MLKVConfig, MLKVForCausalLM, str]:
-    """A GGUF model (a ``.gguf`` path or a known name such as ``smollm2``) converted in memory as it is: dequantized
-    into a temporary Hugging Face folder (``mlkv.model.gguf.materialize``), then ``convert_state`` with its own plan
-    (``mha`` keeps the source's K/V heads: 30x3 on SmolLM2), so that the benchmark times the real weights."""
-    import tempfile
-
-    from mlkv.model.convert import build_model as build_converted
-    from mlkv.model.convert import convert_state
-    from mlkv.model.gguf import materialize
-
-    with tempfile.TemporaryDirectory(prefix="mlkv-bench-gguf-") as tmp:
-        state, config = convert_state(materialize(spec, Path(tmp) / "hf"), "mha")
-    model = build_converted(state, config).eval()
-    return config, model, f"GGUF {spec} (dequantized, converted as it is: {config.sharing.structure})"
-
-
-def plan_label(plan) -> str:
-    return plan.name or plan.structure
-
-
-def build_model(config: MLKVConfig, loaded, plan, device, dtype, seed: int) -> tuple[MLKVForCausalLM, str]:
-    """``(model, weights description)`` for ``plan``: the loaded weights when the plan is the checkpoint's own,
-    else random weights (transformers' init, seeded). Set up for fixed-length generation (no eos)."""
-    same = tuple(config.kv_source_layers) == plan.kv_source_layers and config.num_key_value_heads == \
-        plan.num_key_value_heads
-    if isinstance(loaded, MLKVForCausalLM) and same:
-        model, weights = loaded.to(device=device, dtype=dtype), "given model"
-    elif isinstance(loaded, Path) and same:
-        model, _ = load_model(loaded, device, dtype, with_tokenizer=False)
-        weights = f"checkpoint {loaded}"
-    else:
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = MLKVForCausalLM(config.with_plan(plan)).to(dtype)
-        weights = "random (transformers init)"
-    model.eval()
-    model.generation_config.eos_token_id = None  # fixed-length generation for timing
-    model.generation_config.pad_token_id = 0
-    return model, weights
 
 
 # ---- one benchmark run ----------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlkv.inference.attention import DECODE_ATTENTION
 from mlkv.settings import setting
 
 __all__ = ["BenchSettings", "parse_bucket"]
@@ -48,7 +49,7 @@ class BenchSettings:
     bucket: int | str | None = setting("auto", metavar="N|auto|none")
     """Engine decode steps attend over the used cache columns rounded up to this many (auto: 256, or the whole
     cache when compiled; none: the whole cache)."""
-    decode_attention: str = setting("sdpa", choices=("sdpa", "triton", "auto"))
+    decode_attention: str = setting("sdpa", choices=DECODE_ATTENTION)
     """The engine's decode attention: sdpa (PyTorch's, with the mask), triton (mlkv's grouped split-K kernel, CUDA)
     or auto (the kernel where it supports the model). Run the bench once per choice to compare them."""
     hf: bool = setting(True, group="transformers")
