@@ -7,7 +7,7 @@ import json
 import pytest
 from exportkit import needs_tokenizer
 
-from mlkv.checkpoints import FolderInUseError, folder_lock
+from mlkv.checkpoints import FolderInUseError, folder_lock, load_model
 from mlkv.cli import main
 from mlkv.errors import UsageError
 from mlkv.evaluation.results import save_results
@@ -32,6 +32,8 @@ def test_the_exported_folder_holds_weights_config_code_tokenizer_records_and_car
     config = json.loads((exported["llama"] / "config.json").read_text())
     assert config["auto_map"] == AUTO_MAP and config["model_type"] == "mlkv"
     assert config["kv_source_layers"] == [0, 0, 2, 2] and config["num_key_value_heads"] == 2
+    model, _ = load_model(exported["llama"], device="cpu")  # where mlkv is installed, its own classes load it
+    assert type(model).__module__ == "mlkv.model.modeling"
 
 
 def test_the_card_names_the_plan_its_kv_bytes_against_the_originals_and_says_no_evaluation(exported):
