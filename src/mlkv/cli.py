@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str, tuple[str, ...]]] = {
               ("mlkv bench pythia-160m --plans MHA-144 MLKV-6 --batch 1 64",)),
     "reproduce": ("mlkv.reproduce.command", "the paper's experiment end to end",
                   ("mlkv reproduce --smoke --out runs/smoke",)),
+    "export": ("mlkv.export.command", "a checkpoint that loads with transformers alone",
+               ("mlkv export runs/mlkv6-up runs/mlkv6-up-portable",)),
 }
 
 

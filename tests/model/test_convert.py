@@ -155,6 +155,17 @@ def test_checkpoint_round_trip_is_exact_and_copies_tokenizer(tmp_path):
         convert_checkpoint(src, dst, plan="2x1")
 
 
+def test_the_record_names_the_source_kv_bytes_and_the_base_license_and_a_conversion_of_it_inherits_them(tmp_path):
+    src = saved(hf_llama(), tmp_path / "src")  # 3 layers x 2 K/V heads x head_dim 8
+    (src / "README.md").write_text("---\nlanguage: en\nlicense: mit\n---\n# a model\n")
+    meta = json.loads((convert_checkpoint(src, tmp_path / "mha", plan="mha") / "mlkv_conversion.json").read_text())
+    assert meta["source_structure"] == "3x2" and meta["source_kv_bytes_per_token_fp16"] == 2 * 3 * 2 * 8 * 2
+    assert meta["base"] == {"source": str(src), "license": "mit"}
+    again = json.loads((convert_checkpoint(tmp_path / "mha", tmp_path / "1x1", plan="1x1")
+                        / "mlkv_conversion.json").read_text())
+    assert again["base"] == meta["base"] and again["source"] == str(tmp_path / "mha")
+
+
 def test_overwrite_replaces_the_folder_with_normal_permissions_and_companion_files(tmp_path):
     src = saved(hf_llama(), tmp_path / "src")
     for name in ("tokenizer.json", "chat_template.jinja", "vocab.txt"):

@@ -55,10 +55,18 @@ def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert all(r["hidden"] > 0 for r in logs["MLKV-2-distill"] if "loss" in r)  # KL + 10 x hidden-state distance
     assert all("hidden" not in r and "kl" not in r for r in logs["MLKV-2-lm"])
     capsys.readouterr()
-    reproduce(small(out, tasks=["lambada_openai", "piqa"], init_comparison=["mean", "first", "lsq"]))  # all done
+    reproduce(small(out, tasks=["lambada_openai", "piqa"], init_comparison=["mean", "first", "lsq"],
+                    export=True))  # all done: it only exports
     log = capsys.readouterr().out
     assert "base: done, skipping" in log
     assert "uptrain:" not in log and "eval:" not in log
+    assert f"export: 7 models in {out / 'export'}" in log
+    assert {p.name for p in (out / "export").iterdir()} == {r["run"] for r in results["rows"]}
+    card = (out / "export" / "MLKV-2-distill" / "README.md").read_text()
+    scores = json.loads((out / "eval" / "MLKV-2-distill.json").read_text(), parse_float=str)["results"]["piqa"]
+    assert f"| piqa | acc | {scores['acc,none']} | {scores['acc_stderr,none']} |" in card
+    assert "- structure: **2x1**" in card and "objective **distill** (teacher" in card and "init **pairwise**" in card
+    assert json.loads((out / "export" / "base" / "config.json").read_text())["auto_map"]
     # a run cut short (here: one evaluation lost) still gets its report, and --report-only runs nothing
     (out / "eval" / "MLKV-2-distill.json").unlink()
     reproduce(small(out, tasks=["lambada_openai", "piqa"], init_comparison=["mean", "first", "lsq"],

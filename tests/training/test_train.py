@@ -199,6 +199,32 @@ def test_save_load_generate(trained):
 
 
 @needs_data
+def test_the_final_model_records_how_it_was_trained_and_the_conversion_it_started_from(workdir, tmp_path, trained):
+    """``mlkv_training.json`` beside the final model carries its conversion's record (which names the pretrained
+    base and its training), so an export's model card can say how the model was made."""
+    from mlkv.export.folder import export_checkpoint
+    from mlkv.model.convert import convert_checkpoint
+
+    converted = convert_checkpoint(trained[0], tmp_path / "converted", plan="1x1")
+    out = tmp_path / "uptrained"
+    train(make_config(workdir, out, model=converted, steps=2))
+    record = json.loads((out / "mlkv_training.json").read_text())
+    assert record["start"] == "checkpoint" and record["model"] == str(converted)
+    assert record["objective"] == "lm" and record["steps"] == 2 and record["tokens"] == 2 * 4 * 64
+    assert record["data"] == [str(VAL_FILE)] and record["validation"]["val_loss"] > 0
+    assert record["conversion"]["init"] == "pairwise" and record["conversion"]["structure"] == "1x1"
+    assert record["conversion"]["base"]["source"] == str(trained[0])
+    assert record["conversion"]["base"]["training"]["start"] == "random"
+    assert record["conversion"]["base"]["training"]["steps"] == 16
+    card = (export_checkpoint(out, tmp_path / "portable") / "README.md").read_text()
+    assert f"- base model: from `{trained[0]}`; itself trained by mlkv from a random initialisation: " \
+           "objective **lm**, **4,096 tokens** in 16 steps" in card
+    assert "- training (`mlkv train`, from the model above): objective **lm**, **512 tokens** in 2 steps" in card
+    assert f"data: `{VAL_FILE}`" in card  # 1 producer x 1 head x head_dim 8, against 2 layers x 4 heads
+    assert "- KV cache: **32 bytes per token** in fp16; the original (2x4): 256 bytes per token, 8.0x as many" in card
+
+
+@needs_data
 def test_resume_is_exact(workdir, tmp_path):
     """SIGTERM in step 2, resume to --stop-after-steps 4, resume to the end: the same per-step losses (and
     weights) as one uninterrupted run. Attention dropout makes the RNG state matter; grad accumulation is on."""

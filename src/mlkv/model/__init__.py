@@ -1,9 +1,11 @@
 """The model: sharing plans (``sharing``), architecture families (``flavors``), the config and the decoder
-(``config``, ``modeling``), loading a checkpoint folder (``loading``), and conversion of Hugging Face checkpoints
-(``convert``).
+(``config``, ``modeling``), the transformers releases they support (``compat``), loading a checkpoint folder
+(``loading``), and conversion of Hugging Face checkpoints (``convert``). ``compat``, ``sharing``, ``flavors``,
+``config`` and ``modeling`` import only each other of mlkv: ``mlkv export`` ships them with a checkpoint
+(``mlkv.export.bundle``).
 
-Names are imported on first use, so ``mlkv.model.sharing`` (and ``mlkv plan``) stays free of torch and
-transformers; importing ``MLKVForCausalLM`` registers the model with transformers' Auto classes.
+Names are imported on first use. The model is registered with transformers' Auto classes by the package
+(``mlkv/__init__.py``), not by these modules.
 """
 
 from __future__ import annotations

@@ -11,6 +11,9 @@ Sharing is one explicit list, ``kv_source_layers`` (see ``mlkv.model.sharing``),
 
 from __future__ import annotations
 
+# First: on an unsupported transformers release this import fails with an error that names the supported range.
+from mlkv.model.compat import SUPPORTED_TRANSFORMERS  # noqa: F401, I001
+
 from huggingface_hub.dataclasses import strict
 from transformers import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters

@@ -33,6 +33,7 @@ from mlkv.checkpoints import COMPANION_FILES
 from mlkv.files import atomic_dir
 from mlkv.model.config import SAVED_ONLY_FIELDS, MLKVConfig
 from mlkv.model.flavors import NATIVE_ARCHITECTURE, SUPPORTED_ARCHITECTURES, FusedQKV, for_architecture
+from mlkv.model.provenance import CONVERSION_RECORD, base_facts
 from mlkv.model.sharing import SharingPlan, resolve_plan
 
 INITS = ("mean", "pairwise", "first", "lsq")
@@ -362,16 +363,20 @@ def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init
         with hf_source(src, tmp) as folder:
             state, config = convert_state(folder, plan, init, keep_params, seed, calibration)
             companions = {name: (folder / name).read_bytes() for name in COMPANION_FILES if (folder / name).is_file()}
+            original = mlkv_config_from_hf(read_hf_config(folder))  # the source's own K/V layout
+            base = base_facts(folder, str(src))
         model = build_model(state, config)
         model.save_pretrained(tmp)
         for name, content in companions.items():
             (tmp / name).write_bytes(content)
-        (tmp / "mlkv_conversion.json").write_text(json.dumps(
+        (tmp / CONVERSION_RECORD).write_text(json.dumps(
             {"source": str(src), "plan": plan, "structure": config.sharing.structure, "init": init,
              "keep_params": keep_params, "kv_source_layers": config.kv_source_layers,
              "num_key_value_heads": config.num_key_value_heads, "intermediate_size": config.intermediate_size,
              "kv_bytes_per_token_fp16": config.kv_bytes_per_token("fp16"),
-             "parameters": sum(p.numel() for p in model.parameters())}, indent=2))
+             "parameters": sum(p.numel() for p in model.parameters()),
+             "source_structure": original.sharing.structure,
+             "source_kv_bytes_per_token_fp16": original.kv_bytes_per_token("fp16"), "base": base}, indent=2))
     return dst
 
 

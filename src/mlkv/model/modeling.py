@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
@@ -381,7 +381,3 @@ class MLKVForCausalLM(MLKVPreTrainedModel, GenerationMixin):
     # ---- accounting -------------------------------------------------------------------------------------------------
     def kv_bytes_per_token(self, dtype=None) -> int:
         return self.config.kv_bytes_per_token(dtype or self.dtype)
-
-
-AutoConfig.register("mlkv", MLKVConfig, exist_ok=True)
-AutoModelForCausalLM.register(MLKVConfig, MLKVForCausalLM, exist_ok=True)

@@ -47,6 +47,10 @@ class Settings:
     """torch device (default: cuda when available)"""
     keep_checkpoints: bool = setting(False, group=RUN)
     """keep each finished training's checkpoint/ folder (optimizer state, 3x the model) beside its final model"""
+    export: bool = setting(False, group=RUN)
+    """also export every model of the report (the base, the step-0 conversions, the trained runs) into
+    OUT/export/<run>: a folder that loads with transformers alone (trust_remote_code=True), with its model card and
+    evaluation results (mlkv export); a rerun with --export only exports, finished stages are skipped"""
     report_only: bool = setting(False, group=RUN)
     """run nothing: write report.md, results.json and the plots from what --out holds now (the finished trainings,
     evaluations and benchmark), given the run's own flags; whatever is missing is reported as not measured"""

@@ -24,6 +24,8 @@ checked before the first stage (``resolve_settings``, ``check_inputs``).
 5. ``bench``: KV bytes, decode step times, max batch and decode throughput per plan on the engine, each plan with
    the real weights of its ``lm`` run (CUDA only).
 6. ``report``: ``report.md``, ``results.json`` and plots (``mlkv.reproduce.report``, ``mlkv.reproduce.plots``).
+7. ``export`` (with ``--export``): every model of the report as a folder that loads with transformers alone, with
+   its model card and evaluation results (``mlkv.export``), in ``export/<run>``.
 
 ``--smoke`` runs the whole pipeline on CPU in minutes: with ``--base pretrain`` a tiny 12x12 model; with ``--base
 smollm2`` the real model, two plans and a few steps at a short sequence length. Its numbers mean nothing.
@@ -313,9 +315,25 @@ def _stages(s: Settings, data: Path, out: Path, started: float, command: str) ->
     converted = stage_convert(s, data, base, out)
     trained = stage_uptrain(s, data, base, converted, out)
     step0 = {name: converted[key] for name, key in step0_runs(s).items()}
-    evals = stage_eval(s, data, {"base": base, **step0, **trained}, out)
+    models = {"base": base, **step0, **trained}
+    evals = stage_eval(s, data, models, out)
     bench = stage_bench(s, out, trained, base)
-    return stage_report(s, out, evals, trained, bench, started, command)
+    report = stage_report(s, out, evals, trained, bench, started, command)
+    if s.export:
+        stage_export(out, models)
+    return report
+
+
+def stage_export(out: Path, models: dict[str, Path]) -> None:
+    """``--export``: every model of the report as ``out/export/<run>`` (``mlkv.export``), with its evaluation;
+    written again at every invocation, so that it holds what the run holds now."""
+    from mlkv.export.folder import export_checkpoint
+
+    for name, folder in models.items():
+        results = out / "eval" / f"{name}.json"
+        export_checkpoint(folder, out / "export" / name, overwrite=True,
+                          results=[str(results)] if results.is_file() else None)
+    say(f"export: {len(models)} models in {out / 'export'}, each loading with transformers alone")
 
 
 def _earlier_seconds(out: Path) -> float:

@@ -46,7 +46,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mlkv.checkpoints import companion_files
-from mlkv.files import folder_lock
+from mlkv.files import atomic_json, folder_lock
+from mlkv.model.provenance import TRAINING_RECORD
 from mlkv.training.checkpoint import (CHECKPOINT, STATE_FILE, full_model_state, load_checkpoint, read_state,
                                       save_checkpoint, save_model, select_checkpoint)
 from mlkv.training.config import DEFAULT_CHUNK_TOKENS, TrainConfig, TrainHooks, check_config, parse_tokens
@@ -54,7 +55,7 @@ from mlkv.training.loss import LossModel
 from mlkv.training.metrics import Metrics, Progress, StepValues, model_flops_per_token, peak_flops
 from mlkv.training.models import (check_seq_len, check_teacher_shape, check_vocab, load_student, load_teacher,
                                   load_trained, resolve_tokenizer)
-from mlkv.training.outdir import prepare_out_folder, save_final_model
+from mlkv.training.outdir import prepare_out_folder, save_final_model, training_record
 from mlkv.training.resume import check_run_settings, run_settings
 from mlkv.training.runtime import (Dist, StopRequest, WarmupCosine, autocast_context, autocast_dtype, gradient_sync,
                                    make_optimizer, seed_all, setup_distributed, stop_on_signals, wrap_model)
@@ -416,6 +417,12 @@ def _save(run: _Run) -> None:
 
 
 # ---- the end --------------------------------------------------------------------------------------------------------
+def _write_final_model(run: _Run, folder: Path, state: dict | None) -> None:
+    """The final model with its tokenizer files and ``mlkv_training.json`` (``outdir.training_record``)."""
+    save_model(run.model, folder, state, run.companions)
+    atomic_json(folder / TRAINING_RECORD, training_record(run.cfg, run.step, run.tokens_seen, run.val))
+
+
 def _finish(run: _Run, progress: Progress) -> dict:
     """The final model in ``--out`` if the run completed (``outdir.save_final_model``: a kill leaves no model or a
     whole one), the checkpoint before the last removed; the summary."""
@@ -426,7 +433,7 @@ def _finish(run: _Run, progress: Progress) -> dict:
     else:
         model_state = full_model_state(run.loss_model, run.fsdp)
         if ctx.main:
-            save_final_model(run.out, lambda folder: save_model(run.model, folder, model_state, run.companions))
+            save_final_model(run.out, lambda folder: _write_final_model(run, folder, model_state))
             shutil.rmtree(run.out / (CHECKPOINT + ".old"), ignore_errors=True)
         ctx.barrier()
     summary = {"out": str(run.out), "origin": run.origin, "start_step": run.start_step,

@@ -18,14 +18,14 @@ from mlkv import PRESETS, MLKVConfig, preset_config
 from mlkv.checkpoints import TOKENIZER_FILES, has_weights, require_checkpoint
 from mlkv.errors import UsageError
 from mlkv.model.loading import load_model
+from mlkv.model.provenance import RECORDS
 
 __all__ = ["load_student", "load_teacher", "load_trained", "model_config", "check_seq_len", "resolve_tokenizer",
            "check_vocab", "check_teacher_shape"]
 
 
 #: Files that a saved model (or a run's output folder) holds beside config.json and a bare config does not.
-SAVED_WITH_WEIGHTS = TOKENIZER_FILES + ("generation_config.json", "mlkv_conversion.json", "metrics.jsonl",
-                                        "checkpoint")
+SAVED_WITH_WEIGHTS = TOKENIZER_FILES + ("generation_config.json", "metrics.jsonl", "checkpoint") + RECORDS
 
 
 class UnreadableModelError(UsageError):

@@ -8,6 +8,7 @@ final model's atomic save.
   and metrics at once; an earlier model stays until this run's is saved). Temporaries a killed run left are removed
   with a message.
 * ``staging``: a temporary folder that is removed when the block fails; a full disk is reported as such.
+* ``training_record``: ``mlkv_training.json``, written with the final model (``mlkv.model.provenance``).
 * ``save_final_model``: the model is written to ``out/.model.tmp-*``, then moved in with ``config.json`` last, after
   the files of an earlier model were moved aside (``config.json`` first) into ``out/.model.old.tmp-*``, deleted at
   the end. ``config.json`` is what makes a folder a checkpoint (``mlkv.checkpoints.require_checkpoint``), so a kill
@@ -24,14 +25,19 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mlkv.checkpoints import COMPANION_FILES
 from mlkv.files import clean_stale_temps, temp_path
+from mlkv.model.provenance import RECORDS, origin_records
+
+if TYPE_CHECKING:
+    from mlkv.training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT", "RUN_ENTRIES", "MODEL_STAGE", "prepare_out_folder", "has_checkpoint", "is_model_file",
-           "staging", "disk_full", "save_final_model"]
+           "staging", "disk_full", "training_record", "save_final_model"]
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"
@@ -43,8 +49,9 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def is_model_file(name: str) -> bool:
-    """A file of a saved model: its config, weights (and their index), tokenizer and generation files."""
-    return (name == "config.json" or name in COMPANION_FILES or name.endswith(WEIGHT_SUFFIXES)
+    """A file of a saved model: its config, weights (and their index), tokenizer and generation files, and the
+    records of how it was made (``mlkv.model.provenance``)."""
+    return (name == "config.json" or name in COMPANION_FILES or name in RECORDS or name.endswith(WEIGHT_SUFFIXES)
             or name.endswith((".safetensors.index.json", ".bin.index.json")))
 
 
@@ -144,6 +151,18 @@ def fsync_files(folder: Path) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+
+def training_record(cfg: TrainConfig, steps: int, tokens: int, validation: dict) -> dict:
+    """``mlkv_training.json``, saved with the final model: how it was trained (as ``cfg`` says, with the ``steps``
+    and ``tokens`` done and the last ``validation``), and the records of the model it started from."""
+    record = {"objective": cfg.objective, "tokens": tokens, "steps": steps, "data": cfg.data,
+              "val_data": cfg.val_data, "seq_len": cfg.seq_len, "lr": cfg.lr, "seed": cfg.seed, "model": cfg.model,
+              "plan": cfg.plan, "validation": validation or None}
+    if cfg.objective == "distill":
+        record.update(teacher=cfg.teacher, distill_alpha=cfg.distill_alpha, distill_hidden=cfg.distill_hidden,
+                      distill_temperature=cfg.distill_temperature)
+    return {**record, **origin_records(cfg.model)}
 
 
 def save_final_model(out: Path, write: Callable[[Path], None]) -> None:
