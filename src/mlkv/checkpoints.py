@@ -9,6 +9,7 @@ weights when a checkpoint is converted or trained), ``parse_dtype``, ``has_weigh
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -103,31 +104,38 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None, dtype: s
     """``(model, tokenizer)`` from a checkpoint folder (any ``AutoModelForCausalLM`` one, mlkv's included).
 
     ``dtype`` None means float32 on CPU and the checkpoint's own dtype elsewhere; ``tokenizer`` defaults to the
-    checkpoint folder; ``with_tokenizer=False`` returns ``(model, None)``.
+    checkpoint folder; ``with_tokenizer=False`` returns ``(model, None)``. The config and the tokenizer are read
+    before the weights, so that a bad one is named before the weights load.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import mlkv  # noqa: F401  (registers MLKVConfig / MLKVForCausalLM with the Auto classes)
-    from mlkv.data import load_hf_tokenizer
+    from mlkv.model.config import read_model_config
 
     model_dir = require_checkpoint(model_dir)
+    read_model_config(model_dir / "config.json")
+    config = AutoConfig.from_pretrained(model_dir)
+    tok = _load_tokenizer(Path(tokenizer) if tokenizer else model_dir, config.eos_token_id) if with_tokenizer else None
     device = device or default_device()
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else "auto"
     elif dtype != "auto":
         dtype = parse_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    if not with_tokenizer:
-        return model, None
-    tok_source = Path(tokenizer) if tokenizer else model_dir
-    eos = model.config.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).to(device).eval()
+    return model, tok
+
+
+def _load_tokenizer(source: Path, eos: int | list[int] | None):
+    from mlkv.data.tokenizer import TokenizerFileError, load_hf_tokenizer
+
     try:
-        tok = load_hf_tokenizer(tok_source, eos[0] if isinstance(eos, list) else eos)
+        return load_hf_tokenizer(source, eos[0] if isinstance(eos, list) else eos)
+    except TokenizerFileError:
+        raise
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(
-            f"no tokenizer found in {tok_source} (save one with the checkpoint or pass --tokenizer): {exc}"
+            f"no tokenizer found in {source} (save one with the checkpoint or pass --tokenizer): {exc}"
         ) from exc
-    return model, tok
 
 
 # ---- atomic writes --------------------------------------------------------------------------------------------------
@@ -190,9 +198,15 @@ def folder_lock(folder: str | os.PathLike, command: str = "mlkv", wait: bool = F
     removes the file when it is done; a taker checks that the file it locked is still the one at the path (the
     usual unlink race), so two processes never both hold it."""
     folder = Path(folder).expanduser().absolute()
-    folder.parent.mkdir(parents=True, exist_ok=True)
     path = _lock_path(folder)
-    fd = _take_lock(path, folder, wait)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fd = _take_lock(path, folder, wait)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise UsageError(f"{folder}: cannot write there ({os.strerror(exc.errno)}: {exc.filename or path}); "
+                         "choose an output folder on a writable file system") from None
     try:
         info = (f"pid {os.getpid()} on {socket.gethostname()} ({command}, started "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})")
