@@ -373,7 +373,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init
         with hf_source(src, tmp) as folder:
             state, config = convert_state(folder, plan, init, keep_params, seed, calibration)
             companions = {name: (folder / name).read_bytes() for name in COMPANION_FILES if (folder / name).is_file()}
-        check_room(tmp, sum(t.numel() * t.element_size() for t in state.values()), "the converted weights")
+        check_room(dst, sum(t.numel() * t.element_size() for t in state.values()), "the converted weights")
         model = build_model(state, config)
         try:
             model.save_pretrained(tmp)

@@ -289,7 +289,8 @@ def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dic
         card = ", ".join(sorted({r["card"] for r in recorded if "card" in r})) or "not recorded"
         seconds, stages = recorded_seconds(out)
     else:
-        card, seconds, stages = card_name(s.device), clock.total(), dict(clock.stages)
+        stages = clock.seconds()
+        card, seconds = card_name(s.device), sum(stages.values())
     results = build_results(s, out, evals, train_dirs, bench, seconds=seconds, command=command,
                             git_commit=_git_commit(), card=card)
     results["stage_seconds"] = {name: round(value, 1) for name, value in stages.items()}

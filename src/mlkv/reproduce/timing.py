@@ -54,11 +54,13 @@ class StageClock:
     def load(cls, out: Path) -> StageClock:
         return cls(out, _read(out) or {})
 
-    def total(self) -> float:
-        """Every stage's seconds so far, the running one's included."""
+    def seconds(self) -> dict[str, float]:
+        """Each stage's seconds so far, the running one's included."""
         with self.lock:
-            running = time.time() - self.since if self.current else 0.0
-            return sum(self.stages.values()) + running
+            stages = dict(self.stages)
+            if self.current:
+                stages[self.current] = stages.get(self.current, 0.0) + time.time() - self.since
+            return stages
 
     def record(self) -> None:
         """Add the running stage's seconds since the last record to its entry, and write ``timing.json``."""
