@@ -44,12 +44,14 @@ def copy_with(tiny_dir, folder, edit_config=None, tokenizer_text=None):
 
 # ---- --device -------------------------------------------------------------------------------------------------------
 @no_cuda
-@pytest.mark.parametrize("command", ["train", "eval", "generate", "bench"])
+@pytest.mark.parametrize("command", ["train", "eval", "generate", "bench", "reproduce"])
 def test_device_cuda_without_cuda_is_named_before_anything_loads(command, tiny_dir, refused):
     argv = {"train": train_args(tiny_dir, "--device", "cuda"),
             "eval": ["eval", tiny_dir, "--tasks", "piqa", "--limit", 1, "--device", "cuda"],
             "generate": ["generate", tiny_dir, "--prompt", "hi", "--device", "cuda"],
-            "bench": ["bench", "tiny-neox", "--device", "cuda"]}[command]
+            "bench": ["bench", "tiny-neox", "--device", "cuda"],
+            "reproduce": ["reproduce", "--smoke", "--out", "run", "--data-dir", DATA, "--plans", "MLKV-2", "--device",
+                          "cuda"]}[command]
     refused(argv, NO_CUDA)
 
 
