@@ -1,3 +1,4 @@
+import logging
 import sys
 from pathlib import Path
 
@@ -15,3 +16,58 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def pythia_tokenizer():
+    """The real Pythia (GPT-NeoX-20B) tokenizer of the shared data folder."""
+    from transformers import PreTrainedTokenizerFast
+
+    from mlkv.data.paths import default_data_dir
+
+    tokenizer_file = default_data_dir() / "tokenizers" / "gpt-neox-20b" / "tokenizer.json"
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file), eos_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory, pythia_tokenizer):
+    """A random 2-layer GPT-NeoX (Pythia vocabulary) saved with the real Pythia tokenizer."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_neox")
+    torch.manual_seed(0)
+    config = GPTNeoXConfig(vocab_size=50304, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=256, rotary_pct=0.25)
+    GPTNeoXForCausalLM(config).save_pretrained(path)
+    pythia_tokenizer.save_pretrained(path)
+    return path
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def refused(tmp_path, monkeypatch, capsys, caplog):
+    """``refused(argv, message)``: run ``mlkv ARGV`` in ``tmp_path`` and check that it is refused as bad input:
+    exit code 2 and one line, ``mlkv CMD: error: ...`` holding ``message``, with no progress bar, log line or output
+    before it and nothing written under ``tmp_path``. Returns the line."""
+    from mlkv.cli import main
+
+    monkeypatch.chdir(tmp_path)
+
+    def check(argv: list, message: str) -> str:
+        before = _files(tmp_path)
+        capsys.readouterr()
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            code = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        assert (code, out) == (2, ""), err
+        assert err.startswith(f"mlkv {argv[0]}: error: ") and err.count("\n") == 1, err
+        assert message in err, err
+        assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        assert _files(tmp_path) == before
+        return err
+
+    return check

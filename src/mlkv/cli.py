@@ -9,12 +9,12 @@ traceback instead).
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import json
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
+from mlkv.diskspace import disk_full
 from mlkv.errors import UsageError
 
 #: name -> (module, one-line purpose, example lines)
@@ -84,14 +84,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def describe_error(err: BaseException) -> str | None:
     """The one-line message for an error a user can act on, or None for a bug (which keeps its traceback)."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        where = f" writing {err.filename}" if err.filename else ""
+    if disk_full(err):
+        where = f" writing {err.filename}" if isinstance(err, OSError) and err.filename else ""
         return f"no space left on the device{where}: free some disk space (or write elsewhere) and run again"
     if isinstance(err, (UsageError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                         PermissionError, json.JSONDecodeError, UnicodeDecodeError)):
         return str(err)
     if isinstance(err, ValueError):
         return str(err)
+    if type(err).__name__.startswith("StrictDataclass"):  # a config field of the wrong type, over two lines
+        return " ".join(str(err).split())
     if type(err).__name__ in ("SafetensorError", "HeaderTooLarge"):
         return f"a weights file is corrupt or truncated ({err}); rewrite it with the command that made it"
     return None

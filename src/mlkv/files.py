@@ -8,6 +8,7 @@ the temporary files a killed writer left. Imports nothing of mlkv but its error 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
@@ -83,9 +84,15 @@ def folder_lock(folder: str | os.PathLike, command: str = "mlkv", wait: bool = F
     removes the file when it is done; a taker checks that the file it locked is still the one at the path (the
     usual unlink race), so two processes never both hold it."""
     folder = Path(folder).expanduser().absolute()
-    folder.parent.mkdir(parents=True, exist_ok=True)
     path = _lock_path(folder)
-    fd = _take_lock(path, folder, wait)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        fd = _take_lock(path, folder, wait)
+    except OSError as exc:
+        if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise UsageError(f"{folder}: cannot write there ({os.strerror(exc.errno)}: {exc.filename or path}); "
+                         "choose an output folder on a writable file system") from None
     try:
         info = (f"pid {os.getpid()} on {socket.gethostname()} ({command}, started "
                 f"{time.strftime('%Y-%m-%d %H:%M:%S')})")

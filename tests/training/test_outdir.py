@@ -19,9 +19,10 @@ from transformers import AutoModelForCausalLM
 import mlkv  # noqa: F401  (registers MLKV with the Auto classes)
 from mlkv.checkpoints import require_checkpoint
 from mlkv.cli import main as cli_main
+from mlkv.diskspace import disk_full
 from mlkv.training import train
 from mlkv.training.checkpoint import checkpoint_problem, read_state
-from mlkv.training.outdir import clean_out_folder, disk_full, prepare_out_folder, save_final_model
+from mlkv.training.outdir import clean_out_folder, prepare_out_folder, save_final_model
 from trainkit import SRC, cli_flags, hidden_entries, make_config, needs_data, read_metrics
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import io
 import json
 import logging
 import lzma
@@ -46,6 +47,8 @@ READ_ERRORS = (OSError, EOFError, lzma.LZMAError, zlib.error)
 #: The largest fraction of bad characters (.txt: undecodable bytes and binary control characters) or bad lines
 #: (.jsonl: undecodable lines) a file may have before it is an error rather than cleaned with a warning.
 MAX_BAD_TEXT_FRACTION = 0.01
+#: Bytes of a ``.txt`` file that ``check_sources`` reads (its start: the whole file is read when tokenized).
+CHECK_TEXT_BYTES = 1 << 16
 #: Control characters that do not occur in text (NUL and the like; tab, newline, form feed and CR are text).
 BINARY_CHARACTERS = re.compile("[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f]")
 
@@ -192,8 +195,10 @@ class _Position:
     line: int = 0
 
 
-def _read_file(path: Path, text_field: str, stats: ReadStats, allow_bad_text: bool = False) -> Iterator[str]:
-    """Documents of one local file, with read errors re-raised as ``DataFileError`` naming the file (and line)."""
+def _read_file(path: Path, text_field: str, stats: ReadStats, allow_bad_text: bool = False,
+               limit: int | None = None) -> Iterator[str]:
+    """Documents of one local file, with read errors re-raised as ``DataFileError`` naming the file (and line).
+    ``limit``: read only the first ``limit`` bytes of a ``.txt`` file (a check of its start)."""
     kind, opener = _file_format(path)
     stats.files += 1
     at = _Position()
@@ -203,7 +208,7 @@ def _read_file(path: Path, text_field: str, stats: ReadStats, allow_bad_text: bo
             return
         with opener(path, "rb") as f:
             if kind == "txt":
-                yield from _read_txt(f, path, stats, allow_bad_text)
+                yield from _read_txt(io.BytesIO(f.read(limit)) if limit else f, path, stats, allow_bad_text)
             else:
                 yield from _read_jsonl(f, path, text_field, stats, allow_bad_text, at)
     except FileNotFoundError as exc:
@@ -324,6 +329,22 @@ def _read_hf(spec: HFSource, text_field: str, stats: ReadStats) -> Iterator[str]
             yield text
         else:
             stats.empty_documents += 1
+
+
+def check_sources(sources: list[str], text_field: str = "text", allow_bad_text: bool = False) -> None:
+    """Read the first document of every local data file of ``sources`` (of a ``.txt`` file its first
+    ``CHECK_TEXT_BYTES``; ``hf:`` sources are read from the Hub later): a missing, unsupported, garbled or malformed
+    file is named now, before a model loads or a progress bar starts, rather than when the tokenizer reaches it. A
+    bad line further into a file is still found only there."""
+    for source in sources:
+        if is_hf_source(source):
+            continue
+        for path in list_source_files(source):
+            documents = _read_file(path, text_field, ReadStats(), allow_bad_text, limit=CHECK_TEXT_BYTES)
+            try:
+                next(documents, None)
+            finally:
+                documents.close()
 
 
 def read_sources(sources: list[str], text_field: str, max_documents: int | None, stats: ReadStats,

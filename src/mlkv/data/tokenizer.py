@@ -13,9 +13,27 @@ from pathlib import Path
 from tokenizers import Tokenizer
 
 from mlkv.checkpoints import TOKENIZER_FILES
+from mlkv.errors import UsageError
 
 #: Token-id EOS candidates, tried in order when the tokenizer dir gives no ``eos_token``.
 EOS_CANDIDATES = ("<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+
+
+class TokenizerFileError(UsageError):
+    """A tokenizer file that exists but cannot be read (truncated, corrupt, not a tokenizer); the message names it."""
+
+
+def _unreadable(files: list[Path], exc: Exception) -> TokenizerFileError:
+    reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return TokenizerFileError(f"{', '.join(map(str, files))}: cannot be read as a tokenizer ({reason}); copy the "
+                              "tokenizer again from the model it belongs to, or pass another --tokenizer")
+
+
+def _from_file(path: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001  (the tokenizers library raises a bare Exception for a bad file)
+        raise _unreadable([path], exc) from exc
 
 
 def _tokenizer_dir_or_file(path_or_dir: str | os.PathLike) -> Path:
@@ -33,9 +51,9 @@ def load_tokenizer(path_or_dir: str | os.PathLike) -> Tokenizer:
     """
     path = _tokenizer_dir_or_file(path_or_dir)
     if path.is_file():
-        return Tokenizer.from_file(str(path))
+        return _from_file(path)
     if (path / "tokenizer.json").is_file():
-        return Tokenizer.from_file(str(path / "tokenizer.json"))
+        return _from_file(path / "tokenizer.json")
     if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
         from tokenizers import ByteLevelBPETokenizer
 
@@ -56,10 +74,12 @@ def load_hf_tokenizer(path_or_dir: str | os.PathLike, eos_token_id: int | None =
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = Path(path_or_dir).expanduser()
-    tok = None
     if path.is_dir() and (path / "tokenizer_config.json").is_file():
-        tok = AutoTokenizer.from_pretrained(str(path))
-    if tok is None:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except Exception as exc:  # noqa: BLE001  (json, tokenizers and transformers errors: the files are unusable)
+            raise _unreadable([path / n for n in TOKENIZER_FILES if (path / n).is_file()], exc) from exc
+    else:
         tok = PreTrainedTokenizerFast(tokenizer_object=load_tokenizer(path))
     if tok.eos_token is None and eos_token_id is not None:
         tok.eos_token = tok.convert_ids_to_tokens(int(eos_token_id))

@@ -18,10 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlkv.devices import check_device
 from mlkv.errors import UsageError, require_extra
 from mlkv.evaluation.model_info import describe_model, model_device
 from mlkv.evaluation.perplexity import PERPLEXITY_FILES, perplexity_file, resolve_perplexity_path
 from mlkv.evaluation.results import RESULTS_FILE, compare, compare_rows, markdown_table, save_results, summary
+from mlkv.evaluation.task_checks import check_user_tasks
 from mlkv.evaluation.task_selection import DEFAULT_TASKS, SUPPORTED_TASKS, TaskSelection, select_tasks
 from mlkv.evaluation.tasks import check_task_files, run_tasks
 from mlkv.model.loading import load_model
@@ -40,6 +42,9 @@ class EvalSettings:
     """zero-shot tasks, space or comma separated: names (listed below), or your own task as a task YAML file or a
     folder of them in lm-eval's format (all its tasks run); default without --perplexity: the paper's four tasks
     and HellaSwag"""
+    include_path: list[str] = setting(default_factory=list, aliases=("--include_path",), metavar="DIR",
+                                      group="what to evaluate")
+    """folders of your own task YAMLs (lm-eval's --include_path) whose tasks --tasks names"""
     perplexity: list[str] = setting(default_factory=list, metavar="FILE", group="what to evaluate")
     """text files to compute perplexity on: paths (.raw WikiText, .txt, .jsonl[.xz]) or a short name of a shared
     file (listed below)"""
@@ -115,12 +120,16 @@ def _task_selection(s: EvalSettings) -> TaskSelection | None:
     """The tasks to run, checked before the model loads: the given ones (names, task YAML files, folders), else the
     default tasks unless only perplexity was asked for."""
     if s.tasks:
-        return select_tasks(s.tasks, s.data_source, data_dir=s.data_dir)
+        return select_tasks(s.tasks, s.data_source, s.include_path, data_dir=s.data_dir)
+    if s.include_path:
+        raise UsageError("--include-path names folders of task YAMLs: give the tasks to run from them with --tasks")
     return None if s.perplexity else select_tasks(DEFAULT_TASKS, s.data_source, data_dir=s.data_dir)
 
 
 def evaluate_checkpoint(s: EvalSettings) -> dict[str, Any]:
-    """Load ``s.model`` once, compute the requested perplexities and tasks, and return the merged results."""
+    """Load ``s.model`` once, compute the requested perplexities and tasks, and return the merged results. Every
+    flag, task YAML and data file is checked first."""
+    check_device(s.device)
     if s.limit is not None and s.limit < 1:
         raise UsageError(f"--limit must be positive, got {s.limit}")
     if s.max_tokens is not None and s.max_tokens < 2:
@@ -130,6 +139,8 @@ def evaluate_checkpoint(s: EvalSettings) -> dict[str, Any]:
     ppl_paths = {str(name): resolve_perplexity_path(name, s.data_dir) for name in s.perplexity}
     if tasks is not None and s.data_source == "local":
         check_task_files(tasks.shipped, s.data_dir)
+    if tasks is not None and tasks.user_names:
+        check_user_tasks(tasks)
     model, tokenizer = load_model(s.model, s.device, s.dtype, s.tokenizer)
     if tasks is not None:
         results = run_tasks(model, tasks, limit=s.limit, batch_size=s.batch_size, data_dir=s.data_dir,

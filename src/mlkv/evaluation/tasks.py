@@ -32,6 +32,7 @@ from mlkv.data.paths import data_file, default_data_dir
 from mlkv.errors import UsageError, require_extra
 from mlkv.evaluation.harness_log import quiet_harness
 from mlkv.evaluation.model_info import describe_model, model_device
+from mlkv.evaluation.task_checks import check_user_tasks
 from mlkv.evaluation.task_configs import TASK_FILES, TASKS_DIR
 from mlkv.evaluation.task_selection import (DEFAULT_TASKS, PAPER_TASKS, SUPPORTED_TASKS, TaskSelection,
                                             UnknownTaskError, check_tasks, select_tasks, task_manager)
@@ -151,6 +152,8 @@ def run_tasks(model, tasks: str | Sequence[str] | TaskSelection = DEFAULT_TASKS,
         manager = selection.manager or task_manager(data_source, data_dir, selection.include_paths)
         if data_source == "local":
             check_task_files(selection.shipped, data_dir)
+        if selection.user_names:
+            check_user_tasks(selection)
         start = time.time()
         source = model if isinstance(model, (str, os.PathLike)) else getattr(model, "name_or_path", None)
         model, tokenizer = _model_and_tokenizer(model, tokenizer, device, dtype)

@@ -7,6 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
+from mlkv.devices import check_device
 from mlkv.errors import UsageError
 
 __all__ = ["add_generate_arguments", "run_generate_command", "hf_generate"]
@@ -34,15 +35,47 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 def _read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [line.rstrip("\n") for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
+        prompts += [line for line in _prompts_file_lines(args.prompts_file) if line.strip()]
     if not prompts:
         raise UsageError("give at least one --prompt or a --prompts-file")
     return prompts
 
 
+def _prompts_file_lines(path: str) -> list[str]:
+    """The lines of ``--prompts-file``; a folder, a missing or an unreadable file is an error naming the flag."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise UsageError(f"--prompts-file {path}: is a folder; give a text file with one prompt per line")
+    try:
+        return file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise UsageError(f"--prompts-file {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--prompts-file {path}: cannot be read as UTF-8 text ({exc})") from None
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """Each sampling flag in its range (transformers checks some only after the model has loaded, others never:
+    ``--top-p 2`` would sample from every token)."""
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens ({args.max_new_tokens}) must be a positive integer")
+    if not 0.0 <= args.temperature < float("inf"):
+        raise UsageError(f"--temperature ({args.temperature}) must be a finite number >= 0 (0: greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError(f"--top-k ({args.top_k}) must be a positive integer")
+    if args.top_p is not None and not 0.0 < args.top_p <= 1.0:
+        raise UsageError(f"--top-p ({args.top_p}) must be in (0, 1]")
+    sampled = [flag for flag, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+    if sampled and args.temperature == 0:
+        raise UsageError(f"{' and '.join(sampled)} only apply to sampling: give --temperature above 0 as well "
+                         "(0 is greedy)")
+
+
 def run_generate_command(args: argparse.Namespace) -> int:
     """Continue prompts with a checkpoint, using its tokenizer. --engine hf uses transformers' generate(); --engine
     fast uses mlkv's static-cache engine (CUDA-graph decode on GPU)."""
+    check_sampling(args)
+    check_device(args.device)
     prompts = _read_prompts(args)
     from mlkv.model.loading import default_device, load_model  # torch and transformers: not needed for --help
 

@@ -21,17 +21,21 @@ Every source key is accounted for: unknown, missing or mis-shaped tensors raise 
 
 from __future__ import annotations
 
+import errno
 import json
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors.torch import load_file
 
 from mlkv.checkpoints import COMPANION_FILES
+from mlkv.diskspace import check_room, disk_full, free_space
 from mlkv.files import atomic_dir
 from mlkv.model.config import SAVED_ONLY_FIELDS, MLKVConfig
+from mlkv.model.config_file import ModelConfigError, check_size_fields, read_model_config
 from mlkv.model.flavors import NATIVE_ARCHITECTURE, SUPPORTED_ARCHITECTURES, FusedQKV, for_architecture
 from mlkv.model.provenance import CONVERSION_RECORD, base_facts
 from mlkv.model.sharing import SharingPlan, resolve_plan
@@ -49,15 +53,21 @@ class ConversionError(ValueError):
 
 # ---- reading a source checkpoint ------------------------------------------------------------------------------------
 def read_hf_config(src: str | Path) -> dict:
+    """``SRC/config.json`` of a supported architecture with its sizes given: a field of the wrong type or a size
+    left out is named here, not a ``TypeError`` or ``KeyError`` later."""
     path = Path(src) / "config.json"
     if not path.is_file():
         raise ConversionError(f"{path} not found: SRC_DIR must be a Hugging Face checkpoint directory")
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise ConversionError(f"{path}: cannot be read ({exc}); download or copy the checkpoint again") from exc
-    if not isinstance(config, dict):
-        raise ConversionError(f"{path}: not a model config (a JSON {type(config).__name__}, not an object)")
+        config = read_model_config(path)
+        _check_architecture(config)
+        check_size_fields(config, path)  # under the names read here, whatever model_type says
+    except ModelConfigError as exc:
+        raise ConversionError(str(exc)) from None
+    return config
+
+
+def _check_architecture(config: dict) -> None:
     archs = config.get("architectures") or []
     if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(
@@ -68,7 +78,6 @@ def read_hf_config(src: str | Path) -> dict:
         problem = variant.reject(config) if variant.reject else None
         if problem:
             raise ConversionError(problem)
-    return config
 
 
 def read_hf_state(src: str | Path) -> dict[str, torch.Tensor]:
@@ -308,7 +317,10 @@ def convert_state(src: str | Path, plan: str | list[int] | SharingPlan = "mha", 
     ``calibration`` (``init="lsq"``): token ids (S, T) to run through the source, or the attention inputs that
     ``calibrate.attention_inputs`` already took from it (to convert one source to several plans)."""
     hf = read_hf_config(src)
-    base = mlkv_config_from_hf(hf)
+    try:
+        base = mlkv_config_from_hf(hf)
+    except StrictDataclassError as exc:  # a field of the wrong type (sizes are checked by read_hf_config)
+        raise ConversionError(f"{Path(src) / 'config.json'}: {' '.join(str(exc).split())}") from None
     state = rename_state(hf, read_hf_state(src), base)
     plan = resolve_plan(plan, base.num_hidden_layers, base.num_attention_heads, base.num_key_value_heads)
     if init == "lsq" and isinstance(calibration, torch.Tensor):
@@ -365,8 +377,14 @@ def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init
             companions = {name: (folder / name).read_bytes() for name in COMPANION_FILES if (folder / name).is_file()}
             original = mlkv_config_from_hf(read_hf_config(folder))  # the source's own K/V layout
             base = base_facts(folder, str(src))
+        check_room(dst, sum(t.numel() * t.element_size() for t in state.values()), "the converted weights")
         model = build_model(state, config)
-        model.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+        except Exception as exc:
+            if disk_full(exc):  # safetensors' own error would read as a corrupt file
+                raise OSError(errno.ENOSPC, f"No space left on device ({free_space(dst.parent)})", str(dst)) from exc
+            raise
         for name, content in companions.items():
             (tmp / name).write_bytes(content)
         (tmp / CONVERSION_RECORD).write_text(json.dumps(

@@ -39,28 +39,35 @@ def load_model(model_dir: str | os.PathLike, device: str | None = None, dtype: s
     """``(model, tokenizer)`` from a checkpoint folder (any ``AutoModelForCausalLM`` one, mlkv's included).
 
     ``dtype`` None means float32 on CPU and the checkpoint's own dtype elsewhere; ``tokenizer`` defaults to the
-    checkpoint folder; ``with_tokenizer=False`` returns ``(model, None)``.
+    checkpoint folder; ``with_tokenizer=False`` returns ``(model, None)``. The config and the tokenizer are read
+    before the weights, so that a bad one is named before the weights load.
     """
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    import mlkv.model.modeling  # noqa: F401  (registers MLKVConfig / MLKVForCausalLM with the Auto classes)
-    from mlkv.data import load_hf_tokenizer
+    import mlkv  # noqa: F401  (registers MLKVConfig / MLKVForCausalLM with the Auto classes)
+    from mlkv.model.config_file import read_model_config
 
     model_dir = require_checkpoint(model_dir)
+    read_model_config(model_dir / "config.json")
+    config = AutoConfig.from_pretrained(model_dir)
+    tok = _load_tokenizer(Path(tokenizer) if tokenizer else model_dir, config.eos_token_id) if with_tokenizer else None
     device = device or default_device()
     if dtype is None:
         dtype = torch.float32 if device == "cpu" else "auto"
     elif dtype != "auto":
         dtype = parse_dtype(dtype)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
-    if not with_tokenizer:
-        return model, None
-    tok_source = Path(tokenizer) if tokenizer else model_dir
-    eos = model.config.eos_token_id
+    model = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=dtype).to(device).eval()
+    return model, tok
+
+
+def _load_tokenizer(source: Path, eos: int | list[int] | None):
+    from mlkv.data.tokenizer import TokenizerFileError, load_hf_tokenizer
+
     try:
-        tok = load_hf_tokenizer(tok_source, eos[0] if isinstance(eos, list) else eos)
+        return load_hf_tokenizer(source, eos[0] if isinstance(eos, list) else eos)
+    except TokenizerFileError:
+        raise
     except (OSError, ValueError) as exc:
         raise FileNotFoundError(
-            f"no tokenizer found in {tok_source} (save one with the checkpoint or pass --tokenizer): {exc}"
+            f"no tokenizer found in {source} (save one with the checkpoint or pass --tokenizer): {exc}"
         ) from exc
-    return model, tok

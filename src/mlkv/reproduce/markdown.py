@@ -42,7 +42,7 @@ def _header(results: dict) -> list[str]:
     original = (f"`{s['base']}` ({src.get('kind')}), converted as it is: {shape}" if real else
                 f"pretrained here on Gutenberg, {s['base_tokens']} tokens: {shape}, hidden {s['hidden_size']}")
     disk = results.get("disk_bytes")
-    lines = [f"- card: {results['card']}", _time(results.get("seconds")),
+    lines = [f"- card: {results['card']}", _time(results.get("seconds"), results.get("stage_seconds") or {}),
              f"- disk: {disk / 1e9:.2f} GB in the run folder" + ("" if s.get("keep_checkpoints") else
                                                                   " (finished runs keep their final model only)")
              if disk is not None else "- disk: not measured",
@@ -59,8 +59,12 @@ def _header(results: dict) -> list[str]:
     return lines
 
 
-def _time(seconds: float | None) -> str:
-    return f"- time: {seconds / 60:.1f} min" if seconds is not None else "- time: not recorded"
+def _time(seconds: float | None, stages: dict[str, float]) -> str:
+    """The run's time: the sum of its stages' recorded seconds over every invocation, and each stage's share."""
+    if seconds is None:
+        return "- time: not recorded"
+    shares = ", ".join(f"{name} {value / 60:.1f}" for name, value in stages.items())
+    return f"- time: {seconds / 60:.1f} min" + (f" ({shares} min, summed over the invocations)" if shares else "")
 
 
 def _tables(results: dict) -> list[str]:

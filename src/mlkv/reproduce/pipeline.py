@@ -40,9 +40,9 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
+from mlkv.devices import check_device
 from mlkv.files import atomic_json, atomic_write, clean_stale_temps_under, folder_lock
 from mlkv.model.convert import DEFAULT_INIT
 from mlkv.reproduce.config import Settings, check_settings, resolve_settings, source_of
@@ -51,6 +51,7 @@ from mlkv.reproduce.log import mark_done, read_done, say
 from mlkv.reproduce.markdown import OLD_EVAL_DTYPE, render_report
 from mlkv.reproduce.report import build_results
 from mlkv.reproduce.runs import conversions, planned_runs, step0_runs
+from mlkv.reproduce.timing import StageClock, recorded_seconds
 from mlkv.training.outdir import has_checkpoint
 
 HF_DATASET = "EleutherAI/the_pile_deduplicated (mlkv train takes any text dataset as --data hf:NAME)"
@@ -279,19 +280,22 @@ def stage_bench(s: Settings, out: Path, trained: dict[str, Path], base: Path) ->
 
 
 def stage_report(s: Settings, out: Path, evals: dict[str, dict], train_dirs: dict[str, Path],
-                 bench: dict | None, started: float | None, command: str) -> Path:
+                 bench: dict | None, clock: StageClock | None, command: str) -> Path:
     """``results.json``, ``report.md`` and the plots, from every evaluation (and the benchmark, if it ran).
-    The dtype is what each evaluation recorded; with ``started`` None (``--report-only``) the card and time are
-    also what the run recorded, not this process's."""
+    The dtype is what each evaluation recorded; the time is the sum of the stages' recorded seconds over every
+    invocation (``clock``, or with None, ``--report-only``, what ``timing.json`` holds); with None the card is also
+    what the run recorded, not this process's."""
     recorded = [e.get("mlkv", {}).get("evaluated_on", {}) for e in evals.values()]
     dtype = ", ".join(sorted({r.get("dtype", OLD_EVAL_DTYPE) for r in recorded})) or "no evaluation"
-    if started is None:
+    if clock is None:
         card = ", ".join(sorted({r["card"] for r in recorded if "card" in r})) or "not recorded"
-        seconds = _earlier_seconds(out) if (out / "timing.json").is_file() else None
+        seconds, stages = recorded_seconds(out)
     else:
-        card, seconds = card_name(s.device), time.time() - started
+        stages = clock.seconds()
+        card, seconds = card_name(s.device), sum(stages.values())
     results = build_results(s, out, evals, train_dirs, bench, seconds=seconds, command=command,
                             git_commit=_git_commit(), card=card)
+    results["stage_seconds"] = {name: round(value, 1) for name, value in stages.items()}
     results["disk_bytes"] = disk_bytes(out)  # all but results.json and report.md themselves (a few kB)
     results["eval_dtype"] = dtype
     atomic_json(out / "results.json", results)
@@ -310,17 +314,24 @@ def _git_commit() -> str:
 
 
 # ---- all stages -------------------------------------------------------------------------------------------------
-def _stages(s: Settings, data: Path, out: Path, started: float, command: str) -> Path:
-    base = stage_base(s, data, out)
-    converted = stage_convert(s, data, base, out)
-    trained = stage_uptrain(s, data, base, converted, out)
+def _stages(s: Settings, data: Path, out: Path, clock: StageClock, command: str) -> Path:
+    with clock.stage("base"):
+        base = stage_base(s, data, out)
+    with clock.stage("convert"):
+        converted = stage_convert(s, data, base, out)
+    with clock.stage("uptrain"):
+        trained = stage_uptrain(s, data, base, converted, out)
     step0 = {name: converted[key] for name, key in step0_runs(s).items()}
     models = {"base": base, **step0, **trained}
-    evals = stage_eval(s, data, models, out)
-    bench = stage_bench(s, out, trained, base)
-    report = stage_report(s, out, evals, trained, bench, started, command)
+    with clock.stage("eval"):
+        evals = stage_eval(s, data, models, out)
+    with clock.stage("bench"):
+        bench = stage_bench(s, out, trained, base)
+    with clock.stage("report"):
+        report = stage_report(s, out, evals, trained, bench, clock, command)
     if s.export:
-        stage_export(out, models)
+        with clock.stage("export"):
+            stage_export(out, models)
     return report
 
 
@@ -334,12 +345,6 @@ def stage_export(out: Path, models: dict[str, Path]) -> None:
         export_checkpoint(folder, out / "export" / name, overwrite=True,
                           results=[str(results)] if results.is_file() else None)
     say(f"export: {len(models)} models in {out / 'export'}, each loading with transformers alone")
-
-
-def _earlier_seconds(out: Path) -> float:
-    """Wall time of the earlier invocations into ``out`` (``timing.json``)."""
-    path = out / "timing.json"
-    return json.loads(path.read_text())["earlier_seconds"] if path.is_file() else 0.0
 
 
 def _report_from_what_exists(s: Settings, out: Path, command: str) -> Path:
@@ -368,33 +373,32 @@ def reproduce(s: Settings, command: str = "mlkv reproduce") -> Path:
         report = _report_from_what_exists(s, out, command)
         say(f"report: {report}")
         return report
-    started = time.time()
+    check_device(s.device)
     data = resolve_data_dir(s.data_dir)
     check_inputs(s, data)
-    out.mkdir(parents=True, exist_ok=True)
     # The whole run holds the output folder's lock: a second `mlkv reproduce --out` the same folder gets a named
     # error, and what a killed earlier run left half-written anywhere inside is removed first.
     with folder_lock(out, command):
+        out.mkdir(parents=True, exist_ok=True)
         clean_stale_temps_under(out)
-        return _run_locked(s, data, out, started, command)
+        return _run_locked(s, data, out, command)
 
 
-def _run_locked(s: Settings, data: Path, out: Path, started: float, command: str) -> Path:
+def _run_locked(s: Settings, data: Path, out: Path, command: str) -> Path:
     check_settings(s, out)
-    timing_path = out / "timing.json"
-    earlier = _earlier_seconds(out)
+    clock = StageClock.load(out)  # the stages' seconds of earlier invocations: a run resumed across calls adds up
     # A run stopped by SIGTERM (`timeout`, a scheduler) still adds its time: SystemExit runs the `finally` below.
     on_term = signal.getsignal(signal.SIGTERM)
     main_thread = threading.current_thread() is threading.main_thread()  # only it may install handlers
     if main_thread:
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        # Wall time over every invocation of this output folder: a run resumed across calls adds up.
-        report = _stages(s, data, out, started - earlier, command)
+        with clock.heartbeat():  # a kill -9 keeps all but the last seconds
+            report = _stages(s, data, out, clock, command)
     finally:
         if main_thread:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the write below
-        atomic_json(timing_path, {"earlier_seconds": earlier + time.time() - started})
+        clock.record()
         if main_thread:
             signal.signal(signal.SIGTERM, on_term if on_term is not None else signal.SIG_DFL)
     say(f"report: {report}")

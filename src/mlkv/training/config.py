@@ -10,6 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from mlkv.devices import check_device
 from mlkv.settings import setting
 
 if TYPE_CHECKING:
@@ -208,6 +209,7 @@ def check_config(cfg: TrainConfig, have_datasets: bool) -> None:
         if getattr(cfg, name) < 0:
             raise ValueError(f"{name} must be >= 0 (0 = only at the end), got {getattr(cfg, name)}")
     _check_optimizer(cfg)
+    check_device(cfg.device)
     if not have_datasets and not cfg.data:
         raise ValueError("no training data: pass --data (files, folders or hf:<dataset> sources)")
 

@@ -46,6 +46,8 @@ import torch.distributed as dist
 from torch import nn
 
 from mlkv.checkpoints import companion_files
+from mlkv.data.sources import check_sources
+from mlkv.diskspace import check_room
 from mlkv.files import atomic_json, folder_lock
 from mlkv.model.provenance import TRAINING_RECORD
 from mlkv.training.checkpoint import (CHECKPOINT, STATE_FILE, full_model_state, load_checkpoint, read_state,
@@ -54,7 +56,7 @@ from mlkv.training.config import DEFAULT_CHUNK_TOKENS, TrainConfig, TrainHooks, 
 from mlkv.training.loss import LossModel
 from mlkv.training.metrics import Metrics, Progress, StepValues, model_flops_per_token, peak_flops
 from mlkv.training.models import (check_seq_len, check_teacher_shape, check_vocab, load_student, load_teacher,
-                                  load_trained, resolve_tokenizer)
+                                  load_trained, resolve_tokenizer, weight_bytes)
 from mlkv.training.outdir import prepare_out_folder, save_final_model, training_record
 from mlkv.training.resume import check_run_settings, run_settings
 from mlkv.training.runtime import (Dist, StopRequest, WarmupCosine, autocast_context, autocast_dtype, gradient_sync,
@@ -152,6 +154,7 @@ def train(cfg: TrainConfig, *, datasets: tuple | None = None, hooks: TrainHooks 
         with folder_lock(cfg.out, "mlkv train") if ctx.main else contextlib.nullcontext():
             run = _Run(cfg, ctx, device, hooks or TrainHooks())
             _find_resume(run)
+            _check_inputs(run)
             _load_models(run)
             _load_data(run, datasets)
             _build(run)
@@ -184,12 +187,28 @@ def _find_resume(run: _Run) -> None:
         check_run_settings(read_state(run.resume_from), run.settings, out)
 
 
+def _check_inputs(run: _Run) -> None:
+    """What can be checked before anything loads, so that its error comes before any loading or progress bar: the
+    model's config (its sizes, ``--seq-len`` within its positions, a distillation teacher's shape), the first document of every local data
+    file, and room on the disk for the checkpoint (the model and AdamW's two moments, float32) and the final model."""
+    cfg = run.cfg
+    spec = str(run.resume_from or cfg.model)
+    check_seq_len(cfg.seq_len, spec)
+    if cfg.objective == "distill":
+        check_teacher_shape(cfg.teacher, spec, cfg.distill_hidden)
+    check_sources([*cfg.data, *(cfg.val_data or [])], cfg.text_field, cfg.allow_bad_text)
+    model_bytes = run.ctx.main and weight_bytes(spec, None if run.resume_from else cfg.plan)
+    if model_bytes:
+        final = not cfg.stop_after_steps or cfg.stop_after_steps >= (cfg.steps or float("inf"))
+        check_room(run.out, 3 * model_bytes + final * model_bytes,
+                   "a checkpoint of the model and its optimizer state" + (" and the final model" if final else ""))
+
+
 def _load_models(run: _Run) -> None:
     """The model (the checkpoint being resumed, else ``--model``), the teacher, the tokenizer; checked to fit."""
     cfg = run.cfg
     run.tokenizer = resolve_tokenizer(cfg.tokenizer, cfg.model)
     run.companions = companion_files(run.tokenizer)
-    check_seq_len(cfg.seq_len, str(run.resume_from or cfg.model))
     if run.resume_from is not None:
         run.model = load_trained(run.resume_from, "the checkpoint",
                                  fix="restore it, or start the run again with --overwrite")
@@ -200,8 +219,6 @@ def _load_models(run: _Run) -> None:
         dtype = autocast_dtype(cfg.precision, run.device) or torch.float32
         run.teacher = load_teacher(cfg.teacher, dtype, run.device)
     check_vocab(run.model, run.tokenizer, run.teacher)
-    if run.teacher is not None:
-        check_teacher_shape(run.teacher, run.model, cfg.distill_hidden)
 
 
 def _load_data(run: _Run, datasets: tuple | None) -> None:

@@ -11,17 +11,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from mlkv import PRESETS, MLKVConfig, preset_config
 from mlkv.checkpoints import TOKENIZER_FILES, has_weights, require_checkpoint
+from mlkv.model.config_file import read_model_config
 from mlkv.errors import UsageError
 from mlkv.model.loading import load_model
 from mlkv.model.provenance import RECORDS
 
-__all__ = ["load_student", "load_teacher", "load_trained", "model_config", "check_seq_len", "resolve_tokenizer",
-           "check_vocab", "check_teacher_shape"]
+__all__ = ["load_student", "load_teacher", "load_trained", "model_config", "weight_bytes", "check_seq_len",
+           "resolve_tokenizer", "check_vocab", "check_teacher_shape"]
 
 
 #: Files that a saved model (or a run's output folder) holds beside config.json and a bare config does not.
@@ -38,6 +40,8 @@ REWRITE = "write it again with the command that made it"
 
 def _unreadable(what: str, folder: Path, exc: Exception, fix: str) -> UnreadableModelError:
     reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    if isinstance(exc, StrictDataclassError):  # its first line only names the field; the next says what is wrong
+        reason = " ".join(str(exc).split())
     if type(exc).__name__ == "SafetensorError":
         files = ", ".join(sorted(p.name for p in folder.glob("*.safetensors")))
         return UnreadableModelError(f"{what} {folder}: its weights ({files}) cannot be read ({reason}): a file is "
@@ -53,7 +57,7 @@ def _load(folder: str | Path, what: str, device: str | torch.device, dtype: torc
     require_checkpoint(folder, what)
     try:
         return load_model(folder, device, dtype, with_tokenizer=False)[0]
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, StrictDataclassError) as exc:
         raise _unreadable(what, Path(folder), exc, fix) from exc
     except Exception as exc:
         if type(exc).__name__ == "SafetensorError":
@@ -71,11 +75,25 @@ def model_config(spec: str):
     None when ``spec`` is none of them (``load_student`` then says so)."""
     path = Path(spec).expanduser()
     if path.is_file() or (path / "config.json").is_file():
+        read_model_config(path if path.is_file() else path / "config.json")  # no size: an error, not 768 wide
         try:
             return AutoConfig.from_pretrained(path)
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+        except (OSError, ValueError, TypeError, KeyError, StrictDataclassError) as exc:
             raise _unreadable("--model", path, exc, REWRITE) from exc
     return preset_config(spec) if spec in PRESETS else None
+
+
+def weight_bytes(spec: str, plan: str | None = None) -> int | None:
+    """Bytes of ``--model``'s weights in float32 (what a run saves), from its config alone (a model on the meta
+    device: nothing allocated), or None when ``spec`` is no config, checkpoint or preset."""
+    config = model_config(spec)
+    if config is None:
+        return None
+    if plan is not None and isinstance(config, MLKVConfig):
+        config = config.with_plan(plan)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return 4 * sum(p.numel() for p in model.parameters())
 
 
 def check_seq_len(seq_len: int, spec: str) -> None:
@@ -124,14 +142,19 @@ def load_teacher(spec: str, dtype: torch.dtype, device: torch.device) -> nn.Modu
 
 
 def resolve_tokenizer(tokenizer: str | None, model: str) -> str | None:
-    """``--tokenizer`` if given (it must exist), else the ``--model`` folder if it holds a tokenizer.json."""
+    """``--tokenizer`` if given (it must exist), else the ``--model`` folder if it holds a tokenizer.json; either
+    read once, so that a corrupt one is a ``TokenizerFileError`` naming it before anything else loads."""
+    from mlkv.data import load_tokenizer
+
     if tokenizer:
         path = Path(tokenizer).expanduser()
         if not path.exists():
             raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file or directory")
+        load_tokenizer(path)  # a corrupt file is named now, before the model loads
         return str(path)
     folder = Path(model).expanduser()
     if folder.is_dir() and (folder / "tokenizer.json").is_file():
+        load_tokenizer(folder)
         return str(folder)
     return None
 
@@ -150,10 +173,14 @@ def check_vocab(model: nn.Module, tokenizer: str | None, teacher: nn.Module | No
                          f"student's ({vocab})")
 
 
-def check_teacher_shape(teacher: nn.Module, model: nn.Module, distill_hidden: float) -> None:
-    """The hidden-state term (``--distill-hidden``) needs a teacher of the student's depth and width."""
-    shapes = [(m.config.num_hidden_layers, m.config.hidden_size) for m in (teacher, model)]
-    if distill_hidden and shapes[0] != shapes[1]:
+def check_teacher_shape(teacher: str, model: str, distill_hidden: float) -> None:
+    """The hidden-state term (``--distill-hidden``) needs a teacher of the student's depth and width (checked from
+    the two configs, before either model loads)."""
+    configs = [model_config(spec) for spec in (teacher, model)]
+    if not distill_hidden or None in configs:  # a missing model is named when it loads
+        return
+    shapes = [(c.num_hidden_layers, c.hidden_size) for c in configs]
+    if shapes[0] != shapes[1]:
         raise ValueError(f"--distill-hidden {distill_hidden:g} needs a teacher of the student's depth and "
                          f"width: the teacher has {shapes[0][0]} layers of {shapes[0][1]}, the student "
                          f"{shapes[1][0]} of {shapes[1][1]} (use --distill-hidden 0 to distill from the logits "

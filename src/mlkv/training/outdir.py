@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlkv.checkpoints import COMPANION_FILES
+from mlkv.diskspace import disk_full, free_space
 from mlkv.files import clean_stale_temps, temp_path
 from mlkv.model.provenance import RECORDS, origin_records
 
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = ["CHECKPOINT", "RUN_ENTRIES", "MODEL_STAGE", "prepare_out_folder", "has_checkpoint", "is_model_file",
-           "staging", "disk_full", "training_record", "save_final_model"]
+           "staging", "save_final_model", "training_record"]
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"
@@ -106,18 +107,6 @@ def prepare_out_folder(out: Path, resuming: bool, overwrite: bool) -> None:
 
 
 # ---- writing --------------------------------------------------------------------------------------------------------
-def disk_full(exc: BaseException) -> bool:
-    """Whether ``exc`` (or an error it was raised from) is a full disk: ``OSError(ENOSPC)``, also inside
-    ``torch.save``'s RuntimeError, or safetensors' "No space left on device"."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
 @contextlib.contextmanager
 def staging(folder: Path, destination: Path) -> Iterator[Path]:
     """An empty temporary ``folder`` for the block; removed if the block fails. A full disk becomes
@@ -129,17 +118,9 @@ def staging(folder: Path, destination: Path) -> Iterator[Path]:
     except BaseException as exc:
         shutil.rmtree(folder, ignore_errors=True)
         if isinstance(exc, Exception) and disk_full(exc):
-            raise OSError(errno.ENOSPC, f"No space left on device ({_free_space(folder.parent)})",
+            raise OSError(errno.ENOSPC, f"No space left on device ({free_space(folder.parent)})",
                           str(destination)) from exc
         raise
-
-
-def _free_space(path: Path) -> str:
-    """``"the file system of /mnt: 3 MiB free"`` for the file system that holds ``path``."""
-    mount = path.absolute()
-    while not os.path.ismount(mount) and mount != mount.parent:
-        mount = mount.parent
-    return f"the file system of {mount}: {shutil.disk_usage(path).free / 2**20:.0f} MiB free"
 
 
 def fsync_files(folder: Path) -> None:

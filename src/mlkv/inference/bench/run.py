@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from mlkv.devices import check_device
 from mlkv.inference.bench.measure import (agreement, bound_ratios, engine_run, hf_run, measure_bandwidth,
                                           random_prompts, speedups, time_at_max_batch)
 from mlkv.inference.bench.memory import (GB, TryFit, cuda_try_fit, find_max_batch, find_max_context, free_cuda,
@@ -201,9 +202,8 @@ def _budget(budget_gb: float | None, config, plans, dtype, device) -> tuple[int,
 
 
 def _prepare(model_or_preset, s: BenchSettings, try_fit: TryFit | None, started: float) -> _Run:
+    check_device(s.device)
     device = torch.device(s.device or default_device())
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for but torch.cuda.is_available() is False")
     cuda = device.type == "cuda"
     dtype = parse_dtype(s.dtype, "dtype") if s.dtype is not None else (torch.bfloat16 if cuda else torch.float32)
     config, loaded, source = resolve_model(model_or_preset)
