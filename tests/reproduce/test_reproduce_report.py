@@ -8,7 +8,7 @@ from mlkv.evaluation.results import average_accuracy
 from mlkv.reproduce.config import Settings, resolve_settings
 from mlkv.reproduce.findings import CHANCE_AVERAGE, collapse, distillation_gap, in_layer, kv_order, paper_findings
 from mlkv.reproduce.markdown import render_report
-from mlkv.reproduce.report import init_comparison, published_comparison, report_rows, summarize
+from mlkv.reproduce.report import init_comparison, published_comparison, published_key, report_rows, summarize
 
 ACCS = {"arc_easy": 0.5, "lambada_openai": 0.25, "piqa": 0.625, "sciq": 0.75, "hellaswag": 0.3}
 SMOL = dict(spec="smollm2", kind="gguf", layers=30, heads=9, kv_heads=3, head_dim=64)
@@ -120,6 +120,8 @@ def test_published_scores_are_compared_in_points_with_a_tolerance(smol_run):
     assert arc["score"] == "arc_easy_acc" and arc["difference_points"] == pytest.approx(2.0)
     assert arc["within_tolerance"] is True
     assert published_comparison(Settings(out="x", base="pretrain"), by_run) is None
+    # the device chain passes the GGUF's path: the file's model name finds the same entry
+    assert published_key("/root/SmolLM2-135M-Instruct.Q4_1.gguf") == published_key("smollm2") == "smollm2-135m"
 
 
 def test_report_bench_section_and_skipped_inits():

@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +21,10 @@ import mlkv  # noqa: F401  (registers MLKV with the Auto classes)
 from mlkv.checkpoints import require_checkpoint
 from mlkv.cli import main as cli_main
 from mlkv.diskspace import disk_full
+from mlkv.errors import UsageError
 from mlkv.training import train
 from mlkv.training.checkpoint import checkpoint_problem, read_state
-from mlkv.training.outdir import clean_out_folder, prepare_out_folder, save_final_model
+from mlkv.training.outdir import clean_out_folder, prepare_out_folder, remove_earlier_run, save_final_model
 from trainkit import SRC, cli_flags, hidden_entries, make_config, needs_data, read_metrics
 
 
@@ -104,8 +106,21 @@ def test_overwrite_removes_the_earlier_runs_state_at_once_and_keeps_its_model_un
     with pytest.raises(FileExistsError, match="already holds a checkpoint: pass --resume to continue it, "
                                               "--overwrite to start again, or choose another --out"):
         prepare_out_folder(out, resuming=False, overwrite=False)
-    prepare_out_folder(out, resuming=False, overwrite=True)
+    earlier = prepare_out_folder(out, resuming=False, overwrite=True)
+    assert sorted(p.name for p in earlier) == ["checkpoint", "metrics.jsonl"] and (out / "checkpoint").is_dir()
+    remove_earlier_run(earlier)
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+
+
+@needs_data
+def test_an_overwrite_run_refused_for_its_inputs_leaves_the_earlier_run_as_it_was(workdir, tmp_path):
+    """``--overwrite`` removes the earlier run only once the new run's inputs are checked: a run refused for its
+    ``--seq-len`` deletes nothing."""
+    out = train(make_config(workdir, tmp_path / "run", steps=1))["out"]
+    before = sorted(p.name for p in Path(out).iterdir())
+    with pytest.raises(UsageError, match="--seq-len"):
+        train(make_config(workdir, out, steps=1, overwrite=True, seq_len=100_000))
+    assert sorted(p.name for p in Path(out).iterdir()) == before and "checkpoint" in before
 
 
 @needs_data

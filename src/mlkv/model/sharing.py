@@ -122,7 +122,7 @@ class SharingPlan:
         return self.kv_bytes_per_token(head_dim, dtype) * context
 
 
-#: Bytes per element of the dtypes the cache math usually meets: ``mlkv plan`` needs no torch import for them.
+#: Bytes per element of the dtypes the cache math usually meets (a torch dtype is read by its itemsize).
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "float8_e4m3fn": 1}
 DTYPE_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
                  "fp8": "float8_e4m3fn"}

@@ -50,7 +50,8 @@ class Settings:
     export: bool = setting(False, group=RUN)
     """also export every model of the report (the base, the step-0 conversions, the trained runs) into
     OUT/export/<run>: a folder that loads with transformers alone (trust_remote_code=True), with its model card and
-    evaluation results (mlkv export); a rerun with --export only exports, finished stages are skipped"""
+    evaluation results (mlkv export), after the report; a rerun with --export skips the finished stages, writes the
+    report again and exports every model again"""
     report_only: bool = setting(False, group=RUN)
     """run nothing: write report.md, results.json and the plots from what --out holds now (the finished trainings,
     evaluations and benchmark), given the run's own flags; whatever is missing is reported as not measured"""

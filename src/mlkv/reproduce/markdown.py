@@ -165,8 +165,8 @@ def _published_section(results: dict) -> list[str]:
     return ["", f"## The original against {pub['model']}'s published scores", "",
             tables.markdown_table(cells, ["score", "this run (original, before uptraining)", "published",
                                           "difference (points)", f"within {pub['tolerance_points']:g} points"]), "",
-            f"Published: {pub['source']}. This run's original is the Q4_1 GGUF dequantized, not bit-identical to "
-            "the bf16 release."]
+            f"Published: {pub['source']}. This run's original is `{results['settings'].get('base')}` as converted "
+            "(a GGUF file is dequantized, so a quantized one is not bit-identical to the bf16 release)."]
 
 
 def _bench_section(bench: dict | None) -> list[str]:

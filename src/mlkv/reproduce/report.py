@@ -95,12 +95,21 @@ def init_comparison(s: Settings, by_run: dict) -> dict | None:
     return table or None
 
 
+def published_key(base: str) -> str:
+    """``PUBLISHED``'s key of ``--base``: a known name (``smollm2``), or a GGUF file named after its model
+    (``.../SmolLM2-135M-Instruct.Q4_1.gguf``, as the device chain passes it), through ``mlkv.model.gguf.ALIASES``."""
+    from mlkv.model.gguf import ALIASES
+
+    name = Path(base).name.lower()
+    if name.endswith(".gguf"):
+        name = name[:-len(".gguf")].rsplit(".", 1)[0]  # drop the quantization suffix (.q4_1)
+    return ALIASES.get(name, name)
+
+
 def published_comparison(s: Settings, by_run: dict[str, dict]) -> dict | None:
     """The base's published scores (``PUBLISHED``) beside the original's before uptraining: per score the
     difference in points and whether it is within the entry's tolerance (None where this run has no number)."""
-    from mlkv.model.gguf import ALIASES
-
-    pub = PUBLISHED.get(ALIASES.get(s.base.lower(), s.base.lower()))
+    pub = PUBLISHED.get(published_key(s.base))
     if pub is None:
         return None
     original = by_run.get("base") or {}

@@ -57,7 +57,7 @@ from mlkv.training.loss import LossModel
 from mlkv.training.metrics import Metrics, Progress, StepValues, model_flops_per_token, peak_flops
 from mlkv.training.models import (check_seq_len, check_teacher_shape, check_vocab, load_student, load_teacher,
                                   load_trained, resolve_tokenizer, weight_bytes)
-from mlkv.training.outdir import prepare_out_folder, save_final_model, training_record
+from mlkv.training.outdir import prepare_out_folder, remove_earlier_run, save_final_model, training_record
 from mlkv.training.resume import check_run_settings, run_settings
 from mlkv.training.runtime import (Dist, StopRequest, WarmupCosine, autocast_context, autocast_dtype, gradient_sync,
                                    make_optimizer, seed_all, setup_distributed, stop_on_signals, wrap_model)
@@ -85,6 +85,7 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
     resume_from: Path | None = None  # the checkpoint being resumed
     settings: dict = field(default_factory=dict)  # those that define the run (mlkv.training.resume), recorded
+    overwritten: list[Path] = field(default_factory=list)  # the earlier run's files that --overwrite removes
     # models
     origin: str = ""  # "checkpoint" (uptraining), "random" (pretraining) or "resumed"
     tokenizer: str | None = None
@@ -155,6 +156,7 @@ def train(cfg: TrainConfig, *, datasets: tuple | None = None, hooks: TrainHooks 
             run = _Run(cfg, ctx, device, hooks or TrainHooks())
             _find_resume(run)
             _check_inputs(run)
+            remove_earlier_run(run.overwritten)  # only now: a refused run leaves the earlier one as it was
             _load_models(run)
             _load_data(run, datasets)
             _build(run)
@@ -178,7 +180,7 @@ def _find_resume(run: _Run) -> None:
     run.settings = run_settings(cfg)
     if ctx.main:
         found = select_checkpoint(out) if cfg.resume else None
-        prepare_out_folder(out, resuming=found is not None, overwrite=cfg.overwrite)
+        run.overwritten = prepare_out_folder(out, resuming=found is not None, overwrite=cfg.overwrite)
         if cfg.resume and found is None:
             logger.warning("--resume: no checkpoint in %s, starting from the beginning", out)
     ctx.barrier()  # rank 0 made the intact checkpoint out/checkpoint

@@ -5,7 +5,8 @@ final model's atomic save.
   same folder gets a ``FolderInUseError`` naming the holder.
 * ``prepare_out_folder``: a folder that holds another model or other files is refused unless ``--overwrite``; one
   with a checkpoint is refused unless ``--resume`` (or ``--overwrite``, which removes the earlier run's checkpoint
-  and metrics at once; an earlier model stays until this run's is saved). Temporaries a killed run left are removed
+  and metrics once the new run's inputs are checked, ``remove_earlier_run``; an earlier model stays until this
+  run's is saved). Temporaries a killed run left are removed
   with a message.
 * ``staging``: a temporary folder that is removed when the block fails; a full disk is reported as such.
 * ``training_record``: ``mlkv_training.json``, written with the final model (``mlkv.model.provenance``).
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT", "RUN_ENTRIES", "MODEL_STAGE", "prepare_out_folder", "has_checkpoint", "is_model_file",
+__all__ = ["CHECKPOINT", "RUN_ENTRIES", "MODEL_STAGE", "prepare_out_folder", "remove_earlier_run", "has_checkpoint", "is_model_file",
            "staging", "save_final_model", "training_record"]
 
 CHECKPOINT = "checkpoint"
@@ -75,17 +76,19 @@ def _some(names: list[str], most: int = 4) -> str:
     return ", ".join(names[:most]) + (" ..." if len(names) > most else "")
 
 
-def prepare_out_folder(out: Path, resuming: bool, overwrite: bool) -> None:
+def prepare_out_folder(out: Path, resuming: bool, overwrite: bool) -> list[Path]:
     """Check what ``out`` holds before a run writes there (rank 0, holding the folder's lock); see the module doc.
+    Returns what ``--overwrite`` will remove (``remove_earlier_run``), which the caller does only once the run's
+    inputs are checked, so that a refused run deletes nothing.
 
     ``resuming``: a checkpoint of this run is being resumed, so everything in the folder is this run's."""
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"--out {out} is a file, not a folder")
     if not out.is_dir():
-        return
+        return []
     clean_out_folder(out)
     if resuming:
-        return
+        return []
     entries = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
     if has_checkpoint(out) and not overwrite:
         raise FileExistsError(f"{out} already holds a checkpoint: pass --resume to continue it, --overwrite to "
@@ -97,13 +100,16 @@ def prepare_out_folder(out: Path, resuming: bool, overwrite: bool) -> None:
                 else f"files that are not a training run's ({_some(others)})")
         raise FileExistsError(f"{out} already holds {what}: pass --overwrite to replace it with this run's model "
                               "(the old files stay until the new model is saved), or choose another --out")
-    if overwrite:
-        earlier = [out / name for name in RUN_ENTRIES if (out / name).exists()]
-        for path in earlier:
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        if earlier:
-            logger.warning("--overwrite: removed the earlier run's %s from %s", ", ".join(p.name for p in earlier),
-                           out)
+    return [out / name for name in RUN_ENTRIES if (out / name).exists()] if overwrite else []
+
+
+def remove_earlier_run(earlier: list[Path]) -> None:
+    """``--overwrite``: remove the earlier run's checkpoints and metrics (``prepare_out_folder``'s list)."""
+    for path in earlier:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    if earlier:
+        logger.warning("--overwrite: removed the earlier run's %s from %s", ", ".join(p.name for p in earlier),
+                       earlier[0].parent)
 
 
 # ---- writing --------------------------------------------------------------------------------------------------------
