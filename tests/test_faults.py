@@ -140,6 +140,7 @@ def hidden(folder: Path) -> list[str]:
     return sorted(p.name for d in (folder, folder.parent) for p in d.iterdir() if p.name.startswith("."))
 
 
+@pytest.mark.slow
 def test_train_killed_at_random_points_resumes_to_the_uninterrupted_runs_steps_and_weights(setup):
     root = setup["root"]
     code, points = mlkv(0, *train_args(root, root / "reference"))

@@ -54,7 +54,7 @@ def _greedy_and_grouped_requests(model, tok):
     return [Instance("loglikelihood", {}, a, i) for i, a in enumerate(args)], greedy
 
 
-@pytest.mark.parametrize("batch_size", [1, 5, 16])
+@pytest.mark.parametrize("batch_size", [pytest.param(1, marks=pytest.mark.slow), pytest.param(5, marks=pytest.mark.slow), 16])
 def test_batched_equals_hflm(model_and_tokenizer, batch_size):
     model, tok = model_and_tokenizer
     extra, greedy = _greedy_and_grouped_requests(model, tok)

@@ -104,6 +104,7 @@ def test_first_documents_equal_builtin():
     assert _our_instances("hellaswag", limit=1)[0][2][0] == "Roof shingle removal: A man is sitting on a roof. He"
 
 
+@pytest.mark.slow
 def test_run_tasks_limit_20(tiny_dir, tmp_path):
     results = tasks.run_tasks(tiny_dir, ZERO_SHOT_TASKS, limit=20, batch_size=8, device="cpu")
     assert set(results["results"]) == set(ZERO_SHOT_TASKS)
@@ -135,6 +136,7 @@ def test_run_tasks_limit_20(tiny_dir, tmp_path):
     assert f"{100 * lambada['acc,none']:.2f} ({lambada['perplexity,none']:.1f})" in text
 
 
+@pytest.mark.slow
 def test_request_cache_gives_the_same_results_without_rebuilding(tiny, tmp_path, monkeypatch):
     """Full-set evaluations share the harness's built requests through ``request_cache``: the second evaluation
     builds nothing and scores the same; the cache folder's name follows the task data files."""

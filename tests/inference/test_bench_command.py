@@ -28,6 +28,7 @@ def test_every_flag_is_kept_and_has_help():
         "pythia-160m", None, True, True, True, "auto")
 
 
+@pytest.mark.slow
 def test_run_bench_simulated_allocator_and_cli(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     add_bench_arguments(parser)

@@ -27,6 +27,7 @@ def tiny_bench(tmp_path, **kw):
     return config, run_bench(config, **{**args, **kw})
 
 
+@pytest.mark.slow
 def test_run_bench_cpu_outputs(tmp_path, capsys):
     budget = 2_000_000
     try_fit, _ = fake_allocator(budget)
@@ -91,6 +92,7 @@ def test_unknown_model():
         run_bench("no-such-model", device="cpu", progress=False)
 
 
+@pytest.mark.slow
 def test_compile_times_generate_and_step_rows(tmp_path, monkeypatch, capsys):
     """--compile times the compiled engine on the generate and step rows up to compile_max_batch, on the rows' own
     prompts, and rates the step rows against the same HBM bound as the other paths. The compiled run itself is
@@ -136,6 +138,7 @@ def test_compile_times_generate_and_step_rows(tmp_path, monkeypatch, capsys):
     assert "cmp b1 ms" in header and "ctx-cmp b2 ms" in header and "ctx-cmp b5 ms" not in header
 
 
+@pytest.mark.slow
 def test_compile_deadline_skips_compiled_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "COMPILE_RESERVE_S", 1e9)
     _, report = tiny_bench(tmp_path, plans=["mha"], compile=True, compile_max_batch=4, deadline_s=1e6,
@@ -145,6 +148,7 @@ def test_compile_deadline_skips_compiled_runs(tmp_path, monkeypatch):
     assert not any("engine_compiled" in row for run in ("generate", "step") for row in r[run])
 
 
+@pytest.mark.slow
 def test_profile_decode_cpu_smoke(tmp_path):
     """benchmarks/profile_decode.py on CPU (a tiny 12x12 model, CPU op times): a table, then one JSON line."""
     out = tmp_path / "profile.json"

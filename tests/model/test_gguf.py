@@ -31,6 +31,7 @@ def smollm2(tmp_path_factory):
     return ref, ours, AutoTokenizer.from_pretrained(hf), root
 
 
+@pytest.mark.slow
 def test_the_gguf_folder_keeps_the_tokenizer_chat_template_and_generation_config(smollm2):
     _, _, tok, root = smollm2
     names = {p.name for p in (root / "30x3").iterdir()}
@@ -38,6 +39,7 @@ def test_the_gguf_folder_keeps_the_tokenizer_chat_template_and_generation_config
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False).startswith("<|im_start|>")
 
 
+@pytest.mark.slow
 def test_identity_conversion_gives_transformers_llama_logits(smollm2):
     ref, ours, tok, _ = smollm2
     assert type(ref).__name__ == "LlamaForCausalLM" and ours.config.sharing.structure == "30x3"
@@ -48,6 +50,7 @@ def test_identity_conversion_gives_transformers_llama_logits(smollm2):
         assert diff <= 1e-4, f"max abs logit difference {diff:.2e} on {text[:20]!r}"
 
 
+@pytest.mark.slow
 def test_identity_conversion_gives_the_same_greedy_tokens_with_and_without_cache(smollm2):
     ref, ours, tok, _ = smollm2
     ids = tok(PASSAGES[0], return_tensors="pt").input_ids

@@ -26,9 +26,12 @@ def paper_model(name, flavor="gpt_neox", attn="sdpa"):
     return tiny_model(flavor, name, layers=12, heads=12, hidden_size=48, attn=attn)
 
 
+#: Paper presets in the fast tier (`pytest -m "not slow"`); the others run in the full suite.
+FAST_PRESETS = ("MHA-144", "MLKV-6")
+
 def cases():
-    for name in PAPER_PRESETS:
-        yield pytest.param("gpt_neox", name, id=f"neox-{name}")
+    for name in PAPER_PRESETS:  # the fast tier keeps MHA-144 and MLKV-6; the random maps cover the rest
+        yield pytest.param("gpt_neox", name, id=f"neox-{name}", marks=() if name in FAST_PRESETS else pytest.mark.slow)
     for flavor in ("gpt_neox", "llama"):
         for m in RANDOM_MAPS:
             yield pytest.param(flavor, m, id=f"{flavor}-{m}")
@@ -87,7 +90,8 @@ def test_gradient_checkpointing_same_logits_and_grads(flavor):
     assert g0["model.layers.0.self_attn.k_proj.weight"].abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", PAPER_PRESETS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=() if n in FAST_PRESETS else pytest.mark.slow)
+                                  for n in PAPER_PRESETS])
 @torch.no_grad()
 def test_greedy_generate_matches_argmax_loop_and_cache_holds_only_producers(name):
     model = paper_model(name)

@@ -26,6 +26,7 @@ def test_missing_data_names_flag_env_and_hub_dataset(tmp_path, monkeypatch):
         resolve_data_dir(str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 @needs_data
 def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     out = tmp_path / "run"
@@ -79,6 +80,7 @@ def test_smoke_pipeline_runs_resumes_and_reports(tmp_path, capsys):
     assert "- card: CPU\n" in text and "- evaluation dtype: float32;" in text and "- time: not recorded" not in text
 
 
+@pytest.mark.slow
 @needs_data
 def test_full_task_sets_build_their_requests_once(tmp_path, capsys):
     """Without --limit the harness's requests are built once, before the evaluation processes start, and every

@@ -49,6 +49,7 @@ print(json.dumps({"steps": summary["steps"]}), flush=True)
 """
 
 
+@pytest.mark.slow
 @needs_data
 def test_a_second_train_into_the_same_folder_gets_a_named_error_and_the_first_loses_nothing(workdir, tmp_path):
     out, release = tmp_path / "run", tmp_path / "release"
@@ -112,6 +113,7 @@ def test_overwrite_removes_the_earlier_runs_state_at_once_and_keeps_its_model_un
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.slow
 @needs_data
 def test_an_overwrite_run_refused_for_its_inputs_leaves_the_earlier_run_as_it_was(workdir, tmp_path):
     """``--overwrite`` removes the earlier run only once the new run's inputs are checked: a run refused for its

@@ -224,6 +224,7 @@ def test_the_final_model_records_how_it_was_trained_and_the_conversion_it_starte
     assert "- KV cache: **32 bytes per token** in fp16; the original (2x4): 256 bytes per token, 8.0x as many" in card
 
 
+@pytest.mark.slow
 @needs_data
 def test_resume_is_exact(workdir, tmp_path):
     """SIGTERM in step 2, resume to --stop-after-steps 4, resume to the end: the same per-step losses (and
@@ -269,6 +270,7 @@ def test_distill_self_teacher_zero_kl(workdir, tmp_path, trained):
     assert record["loss"] == pytest.approx(0.75 * record["lm_loss"], abs=1e-6)
 
 
+@pytest.mark.slow
 @needs_data
 def test_resume_keeps_the_loss_and_teacher_shape_is_checked_first(workdir, tmp_path, trained):
     """A distill run resumes only under the loss it started with (a checkpoint from before ``distill_hidden``
@@ -335,6 +337,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @needs_data
 def test_ddp_and_fsdp_gradients_equal_single_process(workdir, tmp_path):
     """2 processes (gloo) with 2 sequences each give the gradients and loss of 1 process with all 4."""
