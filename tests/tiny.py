@@ -61,3 +61,17 @@ def perturb(model, scale=0.05, seed=1):
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * scale)
     return model
+
+
+#: A multiple-choice task over a local JSON file (``data``), in lm-eval's YAML format: ``.format(data=path)``.
+CAPITALS_TASK = """task: capitals
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {data}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: What is the capital of {{{{country}}}}?\\nA:"
+doc_to_choice: choices
+doc_to_target: answer
+metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
+"""

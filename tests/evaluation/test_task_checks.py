@@ -6,6 +6,7 @@ import json
 import pytest
 
 import mlkv.evaluation.command
+from tiny import CAPITALS_TASK
 from mlkv.data.paths import default_data_dir
 from mlkv.evaluation.task_checks import TaskYamlError, check_user_tasks
 from mlkv.evaluation.task_selection import select_tasks
@@ -17,17 +18,7 @@ pytest.importorskip("lm_eval")
 
 DOCS = [{"country": "France", "choices": ["Paris", "Lyon"], "answer": 0},
         {"country": "Italy", "choices": ["Milan", "Rome"], "answer": 1}]
-TASK = """task: capitals
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Q: What is the capital of {{{{country}}}}?\\nA:"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
-"""
+TASK = CAPITALS_TASK
 
 
 @pytest.fixture()

@@ -10,23 +10,13 @@ from exportkit import FLAVORS, needs_tokenizer
 
 from mlkv.cli import main
 from mlkv.export.folder import export_checkpoint
+from tiny import CAPITALS_TASK
 
 pytestmark = [needs_tokenizer, pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="needs lm-eval (mlkv[eval])")]
 
 LIMIT = 8
-#: A multiple-choice task of local files, in lm-eval's format (the harness reads it in both environments).
-TASK = """task: capitals
-dataset_path: json
-dataset_kwargs:
-  data_files: {{test: {data}}}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "Q: What is the capital of {{{{country}}}}?\\nA:"
-doc_to_choice: choices
-doc_to_target: answer
-metric_list: [{{metric: acc, aggregation: mean, higher_is_better: true}}]
-"""
+TASK = CAPITALS_TASK  # a multiple-choice task of local files (the harness reads it in both environments)
 DOCS = [("France", ["Paris", "Lyon", "Nice"]), ("Japan", ["Tokyo", "Osaka"]), ("Peru", ["Lima", "Cusco"]),
         ("Kenya", ["Nairobi", "Mombasa"]), ("Norway", ["Oslo", "Bergen"]), ("Chile", ["Santiago", "Valparaiso"]),
         ("Egypt", ["Cairo", "Alexandria"]), ("Canada", ["Ottawa", "Toronto", "Montreal"]),
