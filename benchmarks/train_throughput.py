@@ -115,7 +115,7 @@ VARIANTS: dict[str, dict] = {
 }
 
 
-def save_teacher(args, config, folder: Path) -> str:
+def save_teacher(config, folder: Path) -> str:
     """A random model of the preset's own shape (no sharing), saved as safetensors, as the distillation teacher."""
     from mlkv import MLKVForCausalLM
 
@@ -135,7 +135,7 @@ def run_ours(args, device, shape: dict, peak: float, seq_len: int, variant: str)
     with tempfile.TemporaryDirectory() as tmp:
         config = preset_config(args.preset, max_position_embeddings=max(seq_len, 128))
         if fields.get("objective") == "distill":
-            fields["teacher"] = save_teacher(args, config, Path(tmp) / "teacher")
+            fields["teacher"] = save_teacher(config, Path(tmp) / "teacher")
         student = config.with_plan(args.plan) if args.plan and fields.get("objective") == "distill" else config
         config_path = Path(tmp) / "config.json"
         student.to_json_file(config_path)
@@ -269,7 +269,7 @@ def ratios(rows: list[dict]) -> dict:
         by = {r["variant"]: r.get("tokens_per_s") for r in rows if r["seq_len"] == seq_len}
         entry = {}
         for name, tps in by.items():
-            if tps and by.get("hf_trainer"):
+            if tps and by.get("hf_trainer") and name != "hf_trainer":
                 entry[f"{name}_vs_hf"] = tps / by["hf_trainer"]
         # Time per token of the first over the second: distill's cost against lm, and eager's against compiled.
         for slow, fast in (("distill", "compile"), ("distill-eager", "eager"), ("eager", "compile")):

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlkv.model.compat import transformers_requirement
-from mlkv.model.provenance import CONVERSION_RECORD, TRAINING_RECORD, read_record
+from mlkv.model.provenance import TRAINING_RECORD, read_record, recorded_conversion
 from mlkv.model.sharing import SharingPlan
 from mlkv.tables import markdown_table
 
@@ -69,7 +69,7 @@ def read_facts(folder: Path, name: str, license: str | None = None) -> Facts:
     at export, used where the records state none (``mlkv.export.folder`` refuses one that contradicts them)."""
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     training = read_record(folder, TRAINING_RECORD, exact=True)
-    conversion = (training or {}).get("conversion") or read_record(folder, CONVERSION_RECORD, exact=True)
+    conversion = recorded_conversion(folder, exact=True)
     results = {p.name: json.loads(p.read_text(encoding="utf-8"), parse_float=str)
                for p in sorted(folder.glob("eval_results*.json"))}
     facts = Facts(name, config, weight_count(folder), conversion, training, results)

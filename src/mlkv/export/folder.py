@@ -20,7 +20,7 @@ from mlkv.files import atomic_dir
 from mlkv.errors import UsageError
 from mlkv.export.bundle import AUTO_MAP, write_code
 from mlkv.export.card import model_card, read_facts
-from mlkv.model.provenance import CONVERSION_RECORD, TRAINING_RECORD, read_record
+from mlkv.model.provenance import CONVERSION_RECORD, TRAINING_RECORD, recorded_conversion
 
 __all__ = ["NotAnMLKVCheckpointError", "export_checkpoint", "require_mlkv_checkpoint", "results_files"]
 
@@ -73,8 +73,7 @@ def results_files(src: Path, given: list[str] | None) -> dict[str, Path]:
 
 def _check_license(src: Path, license: str | None) -> None:
     """``--license`` may state the base's license where the records do not, never contradict them."""
-    record = read_record(src, TRAINING_RECORD) or {}
-    base = (record.get("conversion") or read_record(src, CONVERSION_RECORD) or {}).get("base") or {}
+    base = (recorded_conversion(src) or {}).get("base") or {}
     if license and base.get("license") and base["license"] != license:
         raise UsageError(f"--license {license}: the checkpoint records the base model's license as "
                          f"{base['license']!r}; leave --license out")

@@ -86,14 +86,14 @@ def materialize(spec: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dt
     generation config) at ``dst``, atomically; returns ``dst``."""
     from mlkv.files import atomic_dir, atomic_json
 
-    model, tok = load_gguf(spec, dtype)
+    path = resolve_gguf(spec)
+    model, tok = load_gguf(path, dtype)
     model = _plain(model)
     with atomic_dir(dst, overwrite=overwrite, command="mlkv gguf") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        atomic_json(tmp / SOURCE_RECORD, {"gguf": str(resolve_gguf(spec)), "dtype": str(dtype),
-                                          "note": "dequantized by transformers' GGUF loader",
-                                          **gguf_facts(resolve_gguf(spec))})
+        atomic_json(tmp / SOURCE_RECORD, {"gguf": str(path), "dtype": str(dtype),
+                                          "note": "dequantized by transformers' GGUF loader", **gguf_facts(path)})
     return Path(dst)
 
 

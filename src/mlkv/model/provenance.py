@@ -36,6 +36,13 @@ def read_record(folder: str | os.PathLike, name: str, exact: bool = False) -> di
     return json.loads(path.read_text(encoding="utf-8"), parse_float=str if exact else float)
 
 
+def recorded_conversion(folder: str | os.PathLike, exact: bool = False) -> dict[str, Any] | None:
+    """The conversion ``folder``'s model descends from: the one its training record carries (an uptrained model),
+    else its own conversion record, else None."""
+    training = read_record(folder, TRAINING_RECORD, exact)
+    return (training or {}).get("conversion") or read_record(folder, CONVERSION_RECORD, exact)
+
+
 def readme_license(folder: str | os.PathLike) -> str | None:
     """The ``license:`` of a Hugging Face folder's model card (``README.md``'s front matter), or None."""
     path = Path(folder) / "README.md"
@@ -50,16 +57,15 @@ def base_facts(folder: str | os.PathLike, source: str) -> dict[str, Any]:
     """The original model behind a conversion of ``folder`` (given on the command line as ``source``): inherited
     from ``folder``'s own records when it was made by mlkv from one, else ``source`` with what ``folder`` states of
     its name and license, and how mlkv trained it if it did (a base pretrained here)."""
-    conversion = read_record(folder, CONVERSION_RECORD)
-    training = read_record(folder, TRAINING_RECORD)
-    inherited = (conversion or (training or {}).get("conversion") or {}).get("base")
+    inherited = (recorded_conversion(folder) or {}).get("base")
     if inherited:
         return inherited
     facts: dict[str, Any] = {"source": str(source)}
     gguf = read_record(folder, SOURCE_RECORD) or {}
     facts.update({key: gguf[key] for key in ("name", "organization", "license") if gguf.get(key)})
-    if "license" not in facts and readme_license(folder):
-        facts["license"] = readme_license(folder)
+    if "license" not in facts and (license := readme_license(folder)):
+        facts["license"] = license
+    training = read_record(folder, TRAINING_RECORD)
     if training:
         facts["training"] = {k: v for k, v in training.items() if k not in ("conversion", "earlier_training")}
     return facts
@@ -71,10 +77,8 @@ def origin_records(model: str) -> dict[str, Any]:
     folder = Path(model).expanduser()
     if not (folder.is_dir() and has_weights(folder)):
         return {"start": "random"}
-    conversion = read_record(folder, CONVERSION_RECORD)
+    conversion = recorded_conversion(folder)
     earlier = read_record(folder, TRAINING_RECORD)
-    if conversion is None and earlier:
-        conversion = earlier.get("conversion")
     if earlier:
         earlier = {k: v for k, v in earlier.items() if k not in ("conversion", "earlier_training")}
     return {"start": "checkpoint", "conversion": conversion, "earlier_training": earlier}

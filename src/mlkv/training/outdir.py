@@ -6,8 +6,7 @@ final model's atomic save.
 * ``prepare_out_folder``: a folder that holds another model or other files is refused unless ``--overwrite``; one
   with a checkpoint is refused unless ``--resume`` (or ``--overwrite``, which removes the earlier run's checkpoint
   and metrics once the new run's inputs are checked, ``remove_earlier_run``; an earlier model stays until this
-  run's is saved). Temporaries a killed run left are removed
-  with a message.
+  run's is saved). Temporaries a killed run left are removed with a message.
 * ``staging``: a temporary folder that is removed when the block fails; a full disk is reported as such.
 * ``training_record``: ``mlkv_training.json``, written with the final model (``mlkv.model.provenance``).
 * ``save_final_model``: the model is written to ``out/.model.tmp-*``, then moved in with ``config.json`` last, after
@@ -38,8 +37,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT", "RUN_ENTRIES", "MODEL_STAGE", "prepare_out_folder", "remove_earlier_run", "has_checkpoint", "is_model_file",
-           "staging", "save_final_model", "training_record"]
+__all__ = ["CHECKPOINT", "RUN_ENTRIES", "MODEL_STAGE", "prepare_out_folder", "remove_earlier_run", "has_checkpoint",
+           "is_model_file", "staging", "save_final_model", "training_record"]
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.json"
