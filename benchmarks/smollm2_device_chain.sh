@@ -5,7 +5,8 @@
 #                             decode kernel's GPU tests and benchmark, ~4 minutes: SKIP_THROUGHPUT=1, SKIP_KERNEL=1)
 #   2. carry .carry/c2        bash benchmarks/smollm2_device_chain.sh part2     (GGUF part 1, data but train_00)
 #   3. carry .carry/c3        bash benchmarks/smollm2_device_chain.sh launch    (GGUF part 2, train_00; starts the run)
-#   4. (no carry)             bash benchmarks/smollm2_device_chain.sh wait      (repeat until it prints "finished")
+#   4. (no carry)             bash benchmarks/smollm2_device_chain.sh wait      (repeat until it prints "finished";
+#                             KERNEL_TESTS=1 first runs the decode kernel's GPU tests beside the live run)
 #   5. (no carry)             bash benchmarks/smollm2_device_chain.sh bench     (the same run again with the bench)
 #   6. (no carry)             bash benchmarks/smollm2_device_chain.sh collect   (report so far, results, plots, logs to $OUT)
 # The first pass runs --no-bench, so that the report exists even if the lease ends during the bench.
@@ -56,13 +57,21 @@ bench)
 start)  # (internal) start the run in its own process session, then wait for it
     shift
     if pgrep -f 'mlkv reproduce --base' > /dev/null; then echo "a run is still going: wait for it first"; exit 1; fi
-    echo "starting: mlkv reproduce --base $GG --out /root/r --data-dir $DATA $RUN_ARGS $*"
-    (cd /root && MLKV_GIT_COMMIT=${MLKV_GIT_COMMIT:-unknown} setsid nohup python3 -m mlkv reproduce --base $GG --out /root/r \
-        --data-dir $DATA $RUN_ARGS "$@" >> /root/log.txt 2>&1 < /dev/null &)
+    # FIRST_ARGS (say "--plans 30x3 6x1 --distill-plans 6x1"): a first pass over part of the grid, evaluated and
+    # reported before the rest is trained, so that a lease cut short still brings back scores; the second pass
+    # resumes the same folder (plans and tasks are not result settings) and does the rest.
+    run="python3 -m mlkv reproduce --base $GG --out /root/r --data-dir $DATA $RUN_ARGS $*"
+    [ -z "${FIRST_ARGS:-}" ] || run="$run $FIRST_ARGS; $run"
+    echo "starting: $run"
+    (cd /root && MLKV_GIT_COMMIT=${MLKV_GIT_COMMIT:-unknown} setsid nohup bash -c "$run" >> /root/log.txt 2>&1 < /dev/null &)
     sleep 2; exec bash "$0" wait
     ;;
 wait)
     alive() { pgrep -f 'mlkv reproduce --base' > /dev/null; }
+    if [ -n "${KERNEL_TESTS:-}" ]; then  # the decode kernel's correctness beside the live run (no timing: shared GPU)
+        PYTHONPATH=/root/site:$PWD/src timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
+            tests/inference/test_decode_kernel.py tests/inference/test_engine.py 2>&1 | tee $OUT/gpu_tests.txt | tail -15
+    fi
     t0=$(date +%s)
     while alive && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-500} ]; do sleep 5; done
     tr '\r' '\n' < /root/log.txt | grep -v '^\s*$' | tail -60
