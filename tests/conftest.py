@@ -1,5 +1,7 @@
 import logging
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -7,6 +9,24 @@ import torch
 
 # The shared test helpers (``tiny.py``) live here; the tests live in folders that mirror the package.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def pytest_collection_modifyitems(items):
+    """Modules holding a whole pipeline (``slow``) run first, in their order: under ``-n 2`` the two workers then
+    share the long tests, and the short ones fill in behind, instead of one worker finishing a pipeline alone at
+    the end. Modules stay whole, so module fixtures are built once per worker."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gguf_cache():
+    """One cache of dequantized GGUF models for every test, worker and run on this machine (keyed by the file's
+    sha256, so it is never stale), instead of the user's own ``~/.cache/mlkv``; an ``MLKV_CACHE`` that is set wins."""
+    folder = os.environ.get("MLKV_CACHE") or str(Path(tempfile.gettempdir()) / f"mlkv-test-cache-{os.getuid()}")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLKV_CACHE", folder)
+        yield Path(folder)
 
 
 @pytest.fixture(scope="module")

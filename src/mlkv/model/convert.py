@@ -346,13 +346,15 @@ def build_model(state: dict[str, torch.Tensor], config: MLKVConfig, dtype: torch
 
 @contextmanager
 def hf_source(src: str | Path, near: Path):
-    """``src`` as a Hugging Face folder: a ``.gguf`` (or ``smollm2``) is dequantized into a temporary folder in
-    ``near`` for the duration of the block (``convert_checkpoint`` gives its own temporary output folder, so that a
-    killed conversion's dequantized copy goes with it)."""
-    from mlkv.model.gguf import is_gguf, materialize
+    """``src`` as a Hugging Face folder: a ``.gguf`` (or ``smollm2``) is read from the cache of dequantized models
+    (``mlkv.model.gguf.dequantized``), or with the cache off dequantized into a temporary folder in ``near`` for the
+    duration of the block (``convert_checkpoint`` gives its own temporary output folder, so that a killed
+    conversion's dequantized copy goes with it)."""
+    from mlkv.model.gguf import dequantized, is_gguf, materialize
 
-    if not is_gguf(src):
-        yield Path(src)
+    cached = dequantized(src) if is_gguf(src) else None
+    if not is_gguf(src) or cached:
+        yield cached or Path(src)
         return
     near.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=near) as tmp:

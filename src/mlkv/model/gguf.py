@@ -4,8 +4,9 @@ A ``.gguf`` file (or a known name such as ``smollm2``, found inside an installed
 ``AutoModelForCausalLM.from_pretrained(folder, gguf_file=name)``, which dequantizes every tensor to float, and its
 tokenizer with ``AutoTokenizer.from_pretrained(folder, gguf_file=name)``, which keeps the chat template. Everything
 downstream works on ordinary Hugging Face folders, so ``materialize`` writes one: safetensors weights, config,
-tokenizer files and generation config, atomically, and ``mlkv_source.json``: the file, and its name, organization
-and license from its metadata (``gguf_facts``, through the gguf library's reader). A quantized file dequantized this
+tokenizer files and generation config, atomically, and ``mlkv_source.json``: the file and its sha256, and its name,
+organization and license from its metadata (``gguf_facts``, through the gguf library's reader). ``dequantized`` keeps
+that folder in a cache keyed by the file's sha256, so that a second conversion does not dequantize again. A quantized file dequantized this
 way is not bit-identical to the release it was quantized from (Q4_1 keeps 4 bits and a scale and minimum per block of
 32 weights).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -92,9 +94,52 @@ def materialize(spec: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dt
     with atomic_dir(dst, overwrite=overwrite, command="mlkv gguf") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        atomic_json(tmp / SOURCE_RECORD, {"gguf": str(path), "dtype": str(dtype),
+        atomic_json(tmp / SOURCE_RECORD, {"gguf": str(path), "sha256": file_digest(path), "dtype": str(dtype),
                                           "note": "dequantized by transformers' GGUF loader", **gguf_facts(path)})
     return Path(dst)
+
+
+def cache_root() -> Path | None:
+    """Where dequantized GGUF models are kept between runs: ``MLKV_CACHE``, else ``$XDG_CACHE_HOME/mlkv``, else
+    ``~/.cache/mlkv``; ``MLKV_CACHE=off`` keeps nothing (each use dequantizes into a temporary folder)."""
+    value = os.environ.get("MLKV_CACHE", "")
+    if value.lower() == "off":
+        return None
+    return Path(value or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mlkv").expanduser()
+
+
+def file_digest(path: Path) -> str:
+    """The file's sha256 (a fifth of a second for SmolLM2's 98 MB): the cache key, so that a changed file at the
+    same path is dequantized again."""
+    import hashlib
+
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def dequantized(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path | None:
+    """The GGUF model as a Hugging Face folder in the cache (``cache_root``), written by ``materialize`` on first
+    use: dequantizing SmolLM2 and rebuilding its tokenizer takes about 20 s on CPU, reading the folder back under
+    a second. Processes asking at once wait for the one writing it. ``None`` when the cache is off or cannot be
+    written (said on stderr): the caller then dequantizes into a temporary folder as before."""
+    from mlkv.files import FolderInUseError, folder_lock
+
+    root, path = cache_root(), resolve_gguf(spec)
+    if root is None:
+        return None
+    entry = root / "gguf" / f"{file_digest(path)[:16]}-{str(dtype).removeprefix('torch.')}"
+    try:
+        if not entry.is_dir():
+            materialize(path, entry)
+    except FileExistsError:
+        pass  # another process finished it after the check
+    except FolderInUseError:
+        with folder_lock(entry, "mlkv gguf", wait=True):
+            pass  # another process is writing it: wait for it
+    except (UsageError, OSError) as exc:  # not writable, not a folder, full
+        print(f"mlkv: not caching the dequantized GGUF ({exc}); set MLKV_CACHE to a writable folder", file=sys.stderr)
+        return None
+    return entry if entry.is_dir() else None
 
 
 #: What ``materialize`` records of a GGUF file's metadata (for the model card of a model made from it).

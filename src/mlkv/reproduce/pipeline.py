@@ -117,7 +117,7 @@ def stage_base(s: Settings, data: Path, out: Path) -> Path:
         from mlkv.model.convert import convert_checkpoint
 
         say(f"base: {source.describe()}; converted as it is, no pretraining")
-        # A GGUF is dequantized to a temporary Hugging Face folder first (mlkv.model.gguf.materialize). Every
+        # A GGUF is dequantized to a Hugging Face folder first (cached: mlkv.model.gguf.dequantized). Every
         # weight-only init is the identity on the original's own plan.
         convert_checkpoint(s.base, folder, plan=source.identity, init=DEFAULT_INIT)
         mark_done(folder, {"source": s.base, "plan": source.identity})

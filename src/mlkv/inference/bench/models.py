@@ -47,16 +47,16 @@ def resolve_model(model_or_preset) -> tuple[MLKVConfig, MLKVForCausalLM | Path |
 
 def gguf_model(spec: str) -> tuple[MLKVConfig, MLKVForCausalLM, str]:
     """A GGUF model (a ``.gguf`` path or a known name such as ``smollm2``) converted in memory as it is: dequantized
-    into a temporary Hugging Face folder (``mlkv.model.gguf.materialize``), then ``convert_state`` with its own plan
-    (``mha`` keeps the source's K/V heads: 30x3 on SmolLM2), so that the benchmark times the real weights."""
+    into a Hugging Face folder (``mlkv.model.convert.hf_source``: the cache, or a temporary folder), then
+    ``convert_state`` with its own plan (``mha`` keeps the source's K/V heads: 30x3 on SmolLM2), so that the
+    benchmark times the real weights."""
     import tempfile
 
     from mlkv.model.convert import build_model as build_converted
-    from mlkv.model.convert import convert_state
-    from mlkv.model.gguf import materialize
+    from mlkv.model.convert import convert_state, hf_source
 
-    with tempfile.TemporaryDirectory(prefix="mlkv-bench-gguf-") as tmp:
-        state, config = convert_state(materialize(spec, Path(tmp) / "hf"), "mha")
+    with tempfile.TemporaryDirectory(prefix="mlkv-bench-gguf-") as tmp, hf_source(spec, Path(tmp)) as folder:
+        state, config = convert_state(folder, "mha")
     model = build_converted(state, config).eval()
     return config, model, f"GGUF {spec} (dequantized, converted as it is: {config.sharing.structure})"
 
