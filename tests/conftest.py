@@ -11,6 +11,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
+def pytest_configure(config):
+    """Under ``-n N`` each worker gets its share of the cores (and so do the commands it starts): two workers each
+    running torch on every core make OpenMP threads wait on each other, and the suite slower."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 def pytest_collection_modifyitems(items):
     """Modules holding a whole pipeline (``slow``) run first, in their order: under ``-n 2`` the two workers then
     share the long tests, and the short ones fill in behind, instead of one worker finishing a pipeline alone at

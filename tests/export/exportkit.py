@@ -43,7 +43,7 @@ def python_without_mlkv(code: str, cwd: Path, timeout: float) -> subprocess.Comp
     prelude = f"import sys\nsys.path += {site.getsitepackages()!r}\n"
     env = {"PATH": os.environ.get("PATH", ""), "HOME": str(cwd), "HF_MODULES_CACHE": str(cwd / "hf_modules"),
            "HF_HOME": str(cwd / "hf_home"), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "2"}
+           "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")}
     return subprocess.run([sys.executable, "-I", "-S", "-c", prelude + textwrap.dedent(code)], cwd=cwd, env=env,
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
 
