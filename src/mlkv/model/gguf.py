@@ -6,9 +6,9 @@ tokenizer with ``AutoTokenizer.from_pretrained(folder, gguf_file=name)``, which 
 downstream works on ordinary Hugging Face folders, so ``materialize`` writes one: safetensors weights, config,
 tokenizer files and generation config, atomically, and ``mlkv_source.json``: the file and its sha256, and its name,
 organization and license from its metadata (``gguf_facts``, through the gguf library's reader). ``dequantized`` keeps
-that folder in a cache keyed by the file's sha256, so that a second conversion does not dequantize again. A quantized file dequantized this
-way is not bit-identical to the release it was quantized from (Q4_1 keeps 4 bits and a scale and minimum per block of
-32 weights).
+that folder in a cache keyed by the file's sha256, so that a second conversion does not dequantize again. A quantized
+file dequantized this way is not bit-identical to the release it was quantized from (Q4_1 keeps 4 bits and a scale
+and minimum per block of 32 weights).
 """
 
 from __future__ import annotations
