@@ -57,11 +57,12 @@ bench)
 start)  # (internal) start the run in its own process session, then wait for it
     shift
     if pgrep -f 'mlkv reproduce --base' > /dev/null; then echo "a run is still going: wait for it first"; exit 1; fi
-    # FIRST_ARGS (say "--plans 30x3 6x1 --distill-plans 6x1"): a first pass over part of the grid, evaluated and
-    # reported before the rest is trained, so that a lease cut short still brings back scores; the second pass
-    # resumes the same folder (plans and tasks are not result settings) and does the rest.
+    # FIRST_ARGS: a first pass over part of the grid (the control, the smallest plan and its distillation), evaluated
+    # and reported before the rest is trained, so that a lease cut short still brings back scores; the second pass
+    # resumes the same folder (plans and tasks are not result settings) and does the rest. FIRST_ARGS= skips it.
+    first=${FIRST_ARGS---plans 30x3 6x1 --distill-plans 6x1}
     run="python3 -m mlkv reproduce --base $GG --out /root/r --data-dir $DATA $RUN_ARGS $*"
-    [ -z "${FIRST_ARGS:-}" ] || run="$run $FIRST_ARGS; $run"
+    [ -z "$first" ] || run="$run $first; $run"
     echo "starting: $run"
     (cd /root && MLKV_GIT_COMMIT=${MLKV_GIT_COMMIT:-unknown} setsid nohup bash -c "$run" >> /root/log.txt 2>&1 < /dev/null &)
     sleep 2; exec bash "$0" wait
