@@ -79,3 +79,17 @@ def test_an_unwritable_cache_is_said_once_and_stepped_around(made, monkeypatch, 
     monkeypatch.setenv("MLKV_CACHE", str(blocker / "cache"))
     assert gguf.dequantized(path) is None and calls == []
     assert "not caching the dequantized GGUF" in capsys.readouterr().err
+
+
+def test_an_error_reading_the_file_reaches_the_caller_without_a_cache_note(made, monkeypatch, capsys):
+    from mlkv.errors import UsageError
+
+    path, _ = made
+
+    def refuse(path, dst, dtype=None, overwrite=False):
+        raise UsageError(f"{path}: a 'gpt2' GGUF; mlkv converts the Llama family")
+
+    monkeypatch.setattr(gguf, "materialize", refuse)
+    with pytest.raises(UsageError, match="a 'gpt2' GGUF"):
+        gguf.dequantized(path)
+    assert capsys.readouterr().err == ""

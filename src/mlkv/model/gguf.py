@@ -117,6 +117,24 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _cache_folder() -> Path | None:
+    """``cache_root()/gguf``, made if missing; ``None`` when the cache is off, or cannot be written (said on stderr)."""
+    root = cache_root()
+    if root is None:
+        return None
+    folder = root / "gguf"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        problem = None if os.access(folder, os.W_OK) else "not writable"
+    except OSError as exc:
+        problem = exc
+    if problem:
+        print(f"mlkv: not caching the dequantized GGUF in {folder} ({problem}); set MLKV_CACHE to a writable folder",
+              file=sys.stderr)
+        return None
+    return folder
+
+
 def dequantized(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path | None:
     """The GGUF model as a Hugging Face folder in the cache (``cache_root``), written by ``materialize`` on first
     use: dequantizing SmolLM2 and rebuilding its tokenizer takes about 20 s on CPU, reading the folder back under
@@ -124,10 +142,10 @@ def dequantized(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     written (said on stderr): the caller then dequantizes into a temporary folder as before."""
     from mlkv.files import FolderInUseError, folder_lock
 
-    root, path = cache_root(), resolve_gguf(spec)
-    if root is None:
+    path, folder = resolve_gguf(spec), _cache_folder()
+    if folder is None:
         return None
-    entry = root / "gguf" / f"{file_digest(path)[:16]}-{str(dtype).removeprefix('torch.')}"
+    entry = folder / f"{file_digest(path)[:16]}-{str(dtype).removeprefix('torch.')}"
     try:
         if not entry.is_dir():
             materialize(path, entry)
@@ -136,9 +154,6 @@ def dequantized(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> 
     except FolderInUseError:
         with folder_lock(entry, "mlkv gguf", wait=True):
             pass  # another process is writing it: wait for it
-    except (UsageError, OSError) as exc:  # not writable, not a folder, full
-        print(f"mlkv: not caching the dequantized GGUF ({exc}); set MLKV_CACHE to a writable folder", file=sys.stderr)
-        return None
     return entry if entry.is_dir() else None
 
 
