@@ -25,13 +25,14 @@ install)
     python3 -c "import gguf, lm_eval, datasets, transformers, torch, triton; print('transformers', transformers.__version__, 'torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" || exit 1
     nvidia-smi --query-gpu=name,driver_version,memory.used,clocks.sm,clocks.mem --format=csv
     python3 -c "import pyarrow, pandas; print('pyarrow', pyarrow.__version__, 'pandas', pandas.__version__)"
+    python3 -c "import liger_kernel.transformers; print('liger-kernel imports')"  # --lm-loss liger (compile-liger)
     [ -n "${SKIP_THROUGHPUT:-}" ] || bash "$0" throughput
     [ -n "${SKIP_KERNEL:-}" ] || bash "$0" kernel
     ;;
 throughput)  # issue 20 item 1: mlkv's loop (eager, compiled, distill) beside HF Trainer, SmolLM2 shape, seq 1024
     # (the short form that fits beside the run of record in one lease; THROUGHPUT_ARGS widens it: seq 2048, more steps)
     timeout ${THROUGHPUT_S:-260} python3 benchmarks/train_throughput.py --preset smollm2-135m --micro-batch 32 --plan 6x1 \
-        ${THROUGHPUT_ARGS:---steps 12 --warmup 4 --seq-lens 1024 --variants eager compile distill} \
+        ${THROUGHPUT_ARGS:---steps 12 --warmup 4 --seq-lens 1024 --variants eager compile compile-liger distill} \
         --out $OUT/train_throughput.json 2>&1 | tee $OUT/train_throughput.log | grep -v '^{"variant\|Loading weights' | tail -14
     ;;
 kernel)

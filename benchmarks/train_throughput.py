@@ -4,7 +4,8 @@ Both sides train the same shape on the same random tokens (uniform ids; throughp
 with the same recipe (AdamW fused 0.9/0.95, lr 6e-4, cosine, warmup 0.2, wd 0.01, clip 1.0, bf16 autocast, SDPA
 attention, the same micro-batch): ours is ``mlkv.training.train`` on ``MLKVForCausalLM`` (``--preset``, default
 ``pythia-160m``; ``smollm2-135m`` is SmolLM2's Llama shape), once per ``--variants`` entry (``VARIANTS``: eager or
-compiled, ``lm`` or ``distill`` from a teacher of the preset's own shape, the loss in chunks or whole); the baseline
+compiled, ``lm`` or ``distill`` from a teacher of the preset's own shape, the loss in chunks, whole or fused by
+liger-kernel); the baseline
 is ``Trainer`` on transformers' own model of the shape (``GPTNeoXForCausalLM`` or ``LlamaForCausalLM``) with its
 defaults (no compile unless ``--hf-compile``). ``--seq-lens`` repeats everything per sequence length. The MFU denominator is this card's own bf16 matmul rate, measured in the same
 call (8192^3, mean of 10 after 3 warm-ups). Model FLOPs per token: ``6 * N + 12 * L * d_attn * T`` with ``N`` the
@@ -13,7 +14,7 @@ gives ``mfu_kaplan`` with ``N`` = non-embedding parameters only (no output proje
 
     python benchmarks/train_throughput.py                      # GPU, Pythia-160M, ~3-5 minutes
     python benchmarks/train_throughput.py --preset smollm2-135m --seq-lens 1024 2048 --micro-batch 32 \
-        --variants eager compile compile-chunked distill-eager distill --plan 6x1   # SmolLM2 shape (issue 20)
+        --variants eager compile compile-chunked compile-liger distill-eager distill --plan 6x1   # SmolLM2 (issue 20)
     python benchmarks/train_throughput.py --quick --device cpu  # tiny shape on CPU (< 1 minute), code path only
 
 GPU runs write ``benchmarks/results/train_throughput.json``, CPU runs ``train_throughput_cpu.json``.
@@ -109,6 +110,7 @@ VARIANTS: dict[str, dict] = {
     "eager": dict(compile=False),
     "compile": dict(compile=True),
     "compile-chunked": dict(compile=True, loss_chunk_tokens=8192),
+    "compile-liger": dict(compile=True, lm_loss="liger"),  # liger-kernel's fused linear cross-entropy (CUDA)
     "distill-eager": dict(compile=False, objective="distill"),
     "distill": dict(compile=True, objective="distill"),
     "distill-whole": dict(compile=True, objective="distill", loss_chunk_tokens=0),
@@ -150,7 +152,7 @@ def run_ours(args, device, shape: dict, peak: float, seq_len: int, variant: str)
     result = {"variant": variant, "seq_len": seq_len, "tokens_per_s": tokens_per_step * len(times) / sum(times),
               "step_ms": 1e3 * sum(times) / len(times), "compile": cfg.compile, "objective": cfg.objective,
               "plan": args.plan if fields.get("objective") == "distill" else None,
-              "loss_chunk_tokens": cfg.loss_chunk_tokens, "sdpa_backend": args.sdpa_backend,
+              "loss_chunk_tokens": cfg.loss_chunk_tokens, "lm_loss": cfg.lm_loss, "sdpa_backend": args.sdpa_backend,
               "first_step_s": summary["step_seconds"][0], "flops_per_token": summary["flops_per_token"],
               "flops_per_token_kaplan": kaplan_flops_per_token(model, seq_len),
               "final_loss": summary["final_loss"], "params": sum(p.numel() for p in model.parameters())}

@@ -60,6 +60,17 @@ def test_a_device_torch_does_not_know_is_named(tiny_dir, refused):
             "--device 'gpu' is not a torch device: use cpu, cuda or cuda:N")
 
 
+@no_cuda
+def test_lm_loss_liger_without_cuda_is_named_before_anything_loads(tiny_dir, refused):
+    refused(train_args(tiny_dir, "--lm-loss", "liger"),
+            "--lm-loss liger needs CUDA (liger-kernel's Triton kernels); use --lm-loss torch")
+
+
+def test_lm_loss_liger_with_distillation_is_named(tiny_dir, refused):
+    refused(train_args(tiny_dir, "--lm-loss", "liger", "--objective", "distill", "--teacher", tiny_dir),
+            "--lm-loss liger computes the lm objective only; distill needs both models' logits (use --lm-loss torch)")
+
+
 # ---- an output folder that cannot be written ------------------------------------------------------------------------
 @pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES], ids=["read-only", "permission-denied"])
 @pytest.mark.parametrize("command", ["convert", "train", "reproduce"])

@@ -13,7 +13,7 @@ from types import ModuleType
 
 #: Which extra installs each optional package.
 EXTRAS = {"lm_eval": "eval", "accelerate": "eval", "datasets": "data", "pyarrow": "data", "matplotlib": "plot",
-          "gguf": "real"}
+          "gguf": "real", "liger_kernel": "liger"}
 
 
 class UsageError(ValueError):

@@ -10,7 +10,7 @@ from mlkv.inference.cache import ProducerKVCache
 from mlkv.inference.engine import MLKVEngine, generate
 from mlkv.model.modeling import sdpa_attention
 from mlkv.model.sharing import PAPER_PRESETS, dtype_bytes
-from tiny import VOCAB, tiny_model
+from tiny import VOCAB, needs_cuda, tiny_model
 
 NEW = 10
 
@@ -239,9 +239,6 @@ def test_argument_errors():
 
 
 # ---- on a CUDA device (pytest -m gpu): graphs, compile, the real allocator ------------------------------------------
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("name", PAPER_PRESETS)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mlkv.training.loss import LossModel, decoder_layers
-from tiny import hf_neox, tiny_model
+from tiny import hf_neox, needs_cuda, tiny_model
 
 
 @pytest.mark.parametrize("temperature, alpha", [(2.0, 0.3), (1.0, 1.0), (1.0, 0.5), (2.0, 1.0)])
@@ -96,3 +96,25 @@ def test_compiled_distillation_computes_the_eager_loss_and_gradients():
     for a, b in zip(eager_grads, fast_grads):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
     assert all(getattr(layer, "_compiled_call_impl", None) is not None for layer in decoder_layers(teacher))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_liger_fused_cross_entropy_computes_the_torch_loss_and_gradients(autocast):
+    """``--lm-loss liger`` (liger-kernel's fused linear cross-entropy) against the torch path, its eager reference:
+    in fp32 to fp32 rounding; under bf16 autocast (the training default on CUDA) to bf16 rounding."""
+    pytest.importorskip("liger_kernel")
+    ids = torch.randint(0, 96, (4, 64), generator=torch.Generator().manual_seed(0)).cuda()
+    results = {}
+    for lm_loss in ("torch", "liger"):
+        model = tiny_model("llama", seed=0).cuda().train()
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            out = LossModel(model, lm_loss=lm_loss)(ids)
+        out[0].backward()
+        results[lm_loss] = out, [p.grad for p in model.parameters()]
+    (ref, ref_grads), (fused, fused_grads) = results["torch"], results["liger"]
+    tol = dict(rtol=2e-2, atol=2e-3) if autocast else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused[0].detach(), ref[0].detach(), **tol)
+    for a, b in zip(ref_grads, fused_grads):
+        torch.testing.assert_close(b, a, **tol)

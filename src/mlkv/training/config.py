@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from mlkv.devices import check_device
+from mlkv.errors import require_extra
 from mlkv.settings import setting
 
 if TYPE_CHECKING:
@@ -20,6 +21,7 @@ __all__ = ["TrainConfig", "TrainHooks", "parse_tokens", "check_config", "OBJECTI
            "DEFAULT_CHUNK_TOKENS"]
 
 OBJECTIVES = ("lm", "distill")
+LM_LOSSES = ("torch", "liger")
 #: ``--sdpa-backend``: the SDPA kernel tried first on CUDA (the others follow as fallbacks); ``auto`` keeps
 #: PyTorch's order (cuDNN first on Hopper: 1.18 ms vs flash's 1.85 ms for a causal fwd+bwd of 16x12x2048x64 on H200).
 SDPA_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
@@ -111,6 +113,10 @@ class TrainConfig:
     default %(default)s); 0 = logits only"""
     loss_chunk_tokens: int | None = setting(None, group=OBJECTIVE)
     """tokens per logits/loss chunk (0 = whole batch; default 16384 for distill, 0 for lm)"""
+    lm_loss: str = setting("torch", choices=LM_LOSSES, group=OBJECTIVE)
+    """how the lm objective's cross-entropy is computed: torch (the LM head's logits, then cross-entropy, in
+    --loss-chunk-tokens chunks) or liger (liger-kernel's fused linear cross-entropy: the logits are never held
+    whole; CUDA only, pip install 'mlkv[liger]')"""
 
     # ---- execution
     precision: str = setting("auto", choices=PRECISIONS, group=EXECUTION)
@@ -235,6 +241,26 @@ def _check_objective(cfg: TrainConfig) -> None:
         raise ValueError(f"--distill-hidden must be >= 0, got {cfg.distill_hidden}")
     if cfg.distill_temperature <= 0:
         raise ValueError(f"--distill-temperature must be positive, got {cfg.distill_temperature}")
+    _check_lm_loss(cfg)
+
+
+def _check_lm_loss(cfg: TrainConfig) -> None:
+    if cfg.lm_loss not in LM_LOSSES:
+        raise ValueError(f"--lm-loss {cfg.lm_loss!r} is unknown; choose one of {LM_LOSSES}")
+    if cfg.lm_loss == "torch":
+        return
+    if cfg.objective != "lm":
+        raise ValueError(f"--lm-loss {cfg.lm_loss} computes the lm objective only; distill needs both models' "
+                         "logits (use --lm-loss torch)")
+    if (cfg.device is not None and not str(cfg.device).startswith("cuda")) or not _cuda_available():
+        raise ValueError(f"--lm-loss {cfg.lm_loss} needs CUDA (liger-kernel's Triton kernels); use --lm-loss torch")
+    require_extra("liger_kernel", f"--lm-loss {cfg.lm_loss}")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _check_optimizer(cfg: TrainConfig) -> None:

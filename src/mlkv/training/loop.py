@@ -258,7 +258,7 @@ def _build(run: _Run) -> None:
     chunk = cfg.loss_chunk_tokens if cfg.loss_chunk_tokens is not None else (
         DEFAULT_CHUNK_TOKENS if run.teacher is not None else 0)
     run.loss_model = LossModel(run.model, run.teacher, cfg.distill_temperature, cfg.distill_alpha, chunk,
-                               cfg.distill_hidden)
+                               cfg.distill_hidden, cfg.lm_loss)
     run.flops_per_token = model_flops_per_token(run.model, cfg.seq_len)  # before sharding
     run.step_fn, run.fsdp = wrap_model(run.loss_model, cfg, run.ctx, device)
     run.optimizer = make_optimizer(run.loss_model, cfg, device)

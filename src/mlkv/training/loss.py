@@ -10,6 +10,8 @@ MLKV-6 at equal tokens the hidden term took distillation from 9% to 36% of the b
 (``benchmarks/distill_variants.py``).
 The logits and the KL are computed in chunks over the sequence (``--loss-chunk-tokens``, default 16384 tokens for
 distillation), each chunk recomputed in the backward pass, so no ``(B, T, vocab)`` tensor is ever held whole.
+``--lm-loss liger`` computes ``lm``'s cross-entropy with liger-kernel's fused linear cross-entropy instead (issue 20's
+candidate for the 49,152-token head of SmolLM2; CUDA only), checked against the torch path on the GPU.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from mlkv.training.config import DEFAULT_CHUNK_TOKENS
 
-__all__ = ["LossModel", "hidden_distance", "decoder_layers", "IGNORE"]
+__all__ = ["LossModel", "hidden_distance", "decoder_layers", "fused_cross_entropy", "IGNORE"]
 
 IGNORE = -100  # target of the last position, which predicts nothing
 
@@ -43,9 +45,10 @@ class LossModel(nn.Module):
     """
 
     def __init__(self, model: nn.Module, teacher: nn.Module | None = None, temperature: float = 1.0,
-                 alpha: float = 1.0, chunk_tokens: int = 0, hidden_weight: float = 0.0):
+                 alpha: float = 1.0, chunk_tokens: int = 0, hidden_weight: float = 0.0, lm_loss: str = "torch"):
         super().__init__()
         self.model = model
+        self.fused_ce = fused_cross_entropy(lm_loss) if teacher is None else None
         self._teacher = (teacher,)
         self.temperature, self.alpha, self.chunk_tokens = temperature, alpha, chunk_tokens
         self.hidden_weight = hidden_weight if teacher is not None else 0.0
@@ -77,6 +80,11 @@ class LossModel(nn.Module):
         predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
         if evaluate:
             return self._sums(hidden, targets, None, DEFAULT_CHUNK_TOKENS, recompute=False)[0], predicted
+        if self.fused_ce is not None:
+            head = self.model.get_output_embeddings()
+            ce = self.fused_ce(head.weight, hidden.flatten(0, 1), targets.flatten(), head.bias) / predicted  # (B*T, H)
+            zero = ce.new_zeros(()).detach()
+            return ce, ce.detach(), zero, zero
         teacher_out = None
         if self.teacher is not None:
             with torch.no_grad():
@@ -133,6 +141,16 @@ class LossModel(nn.Module):
                 logp = F.log_softmax(logits, dim=-1)  # (B, C, V)
         ce = F.nll_loss(logp.flatten(0, 1), targets.flatten(), reduction="sum", ignore_index=IGNORE)
         return ce, kl
+
+
+def fused_cross_entropy(lm_loss: str):
+    """The summed cross-entropy of ``(head weight, hidden (N, H), targets (N,), head bias)`` computed without the
+    ``(N, vocab)`` logits, or ``None`` for torch's path (``_chunk``, the eager reference it is tested against)."""
+    if lm_loss == "torch":
+        return None
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    return LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE, reduction="sum")
 
 
 def hidden_distance(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
