@@ -36,7 +36,7 @@ throughput)  # issue 20 item 1: mlkv's loop (eager, compiled, distill) beside HF
         --out $OUT/train_throughput.json 2>&1 | tee $OUT/train_throughput.log | grep -v '^{"variant\|Loading weights' | tail -14
     ;;
 kernel)
-    PYTHONPATH=/root/site:$PWD/src timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/inference/test_decode_kernel.py tests/inference/test_engine.py tests/inference/test_bench_memory.py 2>&1 | tee $OUT/gpu_tests.txt | tail -25
+    PYTHONPATH=/root/site:$PWD/src timeout 150 python3 -m pytest -q -m gpu -p no:cacheprovider tests/inference/test_decode_kernel.py tests/inference/test_engine.py tests/inference/test_bench_memory.py tests/training/test_loss.py 2>&1 | tee $OUT/gpu_tests.txt | tail -25
     mkdir -p $OUT/dk
     PYTHONPATH=/root/site:$PWD/src timeout 100 python3 benchmarks/decode_kernel.py --kernels ours sdpa_mask sdpa_flash \
         --groups 1 3 12 --batches 1 64 256 --contexts 1024 2048 8192 --budget-s 60 --out $OUT/dk/decode_kernel.json 2>&1 | tail -40
@@ -72,7 +72,7 @@ wait)
     alive() { pgrep -f 'mlkv reproduce --base' > /dev/null; }
     if [ -n "${KERNEL_TESTS:-}" ]; then  # the decode kernel's correctness beside the live run (no timing: shared GPU)
         PYTHONPATH=/root/site:$PWD/src timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
-            tests/inference/test_decode_kernel.py tests/inference/test_engine.py 2>&1 | tee $OUT/gpu_tests.txt | tail -15
+            tests/inference/test_decode_kernel.py tests/inference/test_engine.py tests/training/test_loss.py 2>&1 | tee $OUT/gpu_tests.txt | tail -15
     fi
     t0=$(date +%s)
     while alive && [ $(( $(date +%s) - t0 )) -lt ${WAIT_S:-500} ]; do sleep 5; done
