@@ -21,6 +21,12 @@ def pytest_configure(config):
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
+def pytest_runtest_setup(item):
+    """The one skip for tests marked ``gpu`` (run with ``pytest -m gpu`` on a GPU machine)."""
+    if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+
+
 def pytest_collection_modifyitems(items):
     """Modules holding a whole pipeline (``slow``) run first, in their order: under ``-n 2`` the two workers then
     share the long tests, and the short ones fill in behind, instead of one worker finishing a pipeline alone at
@@ -32,7 +38,8 @@ def pytest_collection_modifyitems(items):
 @pytest.fixture(scope="session", autouse=True)
 def gguf_cache():
     """One cache of dequantized GGUF models for every test, worker and run on this machine (keyed by the file's
-    sha256, so it is never stale), instead of the user's own ``~/.cache/mlkv``; an ``MLKV_CACHE`` that is set wins."""
+    sha256, the transformers release and mlkv's cache format), instead of the user's own ``~/.cache/mlkv``; an
+    ``MLKV_CACHE`` that is set wins."""
     folder = os.environ.get("MLKV_CACHE") or str(Path(tempfile.gettempdir()) / f"mlkv-test-cache-{os.getuid()}")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLKV_CACHE", folder)

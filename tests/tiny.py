@@ -1,6 +1,5 @@
 """Tiny models shared by the tests (hidden 32-64, 2-4 layers, random weights)."""
 
-import pytest
 import torch
 from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config,
                           Qwen2ForCausalLM)
@@ -8,8 +7,6 @@ from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig, LlamaF
 from mlkv import MLKVConfig, MLKVForCausalLM
 
 VOCAB = 96
-#: The one skip for tests marked ``gpu`` (``pytest -m gpu`` on a GPU machine).
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
 def tiny_config(flavor="gpt_neox", plan=None, layers=4, heads=4, **kw) -> MLKVConfig:

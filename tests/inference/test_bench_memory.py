@@ -7,7 +7,7 @@ from bench_fakes import expected_max, fake_allocator
 from mlkv.inference.bench.memory import (cuda_try_fit, find_max_batch, find_max_context, search_max, set_budget,
                                          step_activation_bytes, weight_bytes)
 from mlkv.inference.engine import MLKVEngine
-from tiny import needs_cuda, tiny_model
+from tiny import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -52,7 +52,6 @@ def test_max_batch_and_context_against_fake_allocator(plan):
 
 # ---- on a CUDA device (pytest -m gpu): the real allocator -----------------------------------------------------------
 @pytest.mark.gpu
-@needs_cuda
 def test_cuda_max_batch_under_a_budget():
     model = tiny_model("gpt_neox", "MHA-144", layers=12, heads=12, hidden_size=48).cuda()
     context, spare = 512, 64 << 20

@@ -10,7 +10,7 @@ from mlkv.inference.cache import ProducerKVCache
 from mlkv.inference.engine import MLKVEngine, generate
 from mlkv.model.modeling import sdpa_attention
 from mlkv.model.sharing import PAPER_PRESETS, dtype_bytes
-from tiny import VOCAB, needs_cuda, tiny_model
+from tiny import VOCAB, tiny_model
 
 NEW = 10
 
@@ -240,7 +240,6 @@ def test_argument_errors():
 
 # ---- on a CUDA device (pytest -m gpu): graphs, compile, the real allocator ------------------------------------------
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("name", PAPER_PRESETS)
 def test_cuda_graphs_greedy_equals_hf_generate(name):
     model = paper_model(name).cuda()
@@ -252,7 +251,6 @@ def test_cuda_graphs_greedy_equals_hf_generate(name):
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_cuda_graphs_llama_stops_and_sampling():
     model = tiny_model("llama", "2x2").cuda()
     engine = MLKVEngine(model, bucket=4, stop_check_interval=1)
@@ -271,7 +269,6 @@ def test_cuda_graphs_llama_stops_and_sampling():
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_cuda_compiled_engine_equals_eager():
     model = paper_model("MLKV-4").cuda()
     prompts = prompts_of([5, 11, 8])
@@ -280,7 +277,6 @@ def test_cuda_compiled_engine_equals_eager():
 
 
 @pytest.mark.gpu
-@needs_cuda
 def test_cuda_full_context_step_replays_one_captured_graph():
     model = paper_model("MLKV-6").cuda()
     engine = MLKVEngine(model, bucket=8)

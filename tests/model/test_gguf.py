@@ -21,10 +21,10 @@ def smollm2(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mlkv.model.convert import convert_checkpoint
-    from mlkv.model.gguf import dequantized
+    from mlkv.model.gguf import dequantized, materialize
 
     root = tmp_path_factory.mktemp("smollm2")
-    hf = dequantized("smollm2")  # the real materialize, once per machine
+    hf = dequantized("smollm2") or materialize("smollm2", root / "hf")  # the cache: once per machine
     convert_checkpoint(hf, root / "30x3", plan="30x3")
     ref = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     ours = AutoModelForCausalLM.from_pretrained(root / "30x3", dtype=torch.float32).eval()

@@ -33,7 +33,16 @@ def test_a_second_use_reads_the_cached_folder_without_dequantizing_again(made):
     path, calls = made
     first = gguf.dequantized(path)
     assert gguf.dequantized(path) == first and calls == [first]
-    assert first.parent.parent.name == "cache" and first.name.endswith("-float32")
+    assert first.parent.parent.name == "cache" and "-float32-transformers" in first.name
+    assert first.name.endswith(f"-v{gguf.CACHE_FORMAT}")
+
+
+def test_the_first_use_says_where_it_kept_the_folder_and_later_ones_say_nothing(made, capsys):
+    path, _ = made
+    entry = gguf.dequantized(path)
+    gguf.dequantized(path)
+    assert capsys.readouterr().err == (f"mlkv: kept the dequantized model.gguf in {entry} for later runs "
+                                       "(MLKV_CACHE=off keeps nothing)\n")
 
 
 def test_a_changed_file_at_the_same_path_is_dequantized_again(made):
@@ -45,14 +54,14 @@ def test_a_changed_file_at_the_same_path_is_dequantized_again(made):
 
 def test_a_caller_waits_for_the_process_writing_the_entry_and_then_reads_it(made):
     path, calls = made
-    entry = gguf.cache_root() / "gguf" / f"{gguf.file_digest(path)[:16]}-float32"
+    entry = gguf.cache_entry(path)
     holding = threading.Event()
 
-    def writer():
-        with folder_lock(entry, "another writer"):
+    def writer():  # another process's dequantized, holding the entry's fill lock
+        with folder_lock(entry.with_name(entry.name + ".fill"), "another writer"):
             holding.set()
             time.sleep(0.5)
-            entry.mkdir(parents=True)
+            entry.mkdir()
 
     thread = threading.Thread(target=writer)
     thread.start()
@@ -93,3 +102,17 @@ def test_an_error_reading_the_file_reaches_the_caller_without_a_cache_note(made,
     with pytest.raises(UsageError, match="a 'gpt2' GGUF"):
         gguf.dequantized(path)
     assert capsys.readouterr().err == ""
+
+
+def test_a_disk_filling_while_the_entry_is_written_is_said_and_stepped_around(made, monkeypatch, capsys):
+    import errno
+
+    path, _ = made
+
+    def fill(path, dst, dtype=None, overwrite=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(gguf, "materialize", fill)
+    assert gguf.dequantized(path) is None
+    assert capsys.readouterr().err.endswith("(the disk is full)\n")
+    assert not list(gguf.cache_root().glob("gguf/*-v*"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mlkv.training.loss import LossModel, decoder_layers
-from tiny import hf_neox, needs_cuda, tiny_model
+from tiny import hf_neox, tiny_model
 
 
 @pytest.mark.parametrize("temperature, alpha", [(2.0, 0.3), (1.0, 1.0), (1.0, 0.5), (2.0, 1.0)])
@@ -99,7 +99,6 @@ def test_compiled_distillation_computes_the_eager_loss_and_gradients():
 
 
 @pytest.mark.gpu
-@needs_cuda
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
 def test_liger_fused_cross_entropy_computes_the_torch_loss_and_gradients(autocast):
     """``--lm-loss liger`` (liger-kernel's fused linear cross-entropy) against the torch path, its eager reference:
@@ -109,8 +108,10 @@ def test_liger_fused_cross_entropy_computes_the_torch_loss_and_gradients(autocas
     results = {}
     for lm_loss in ("torch", "liger"):
         model = tiny_model("llama", seed=0).cuda().train()
+        loss_model = LossModel(model, lm_loss=lm_loss)
+        assert (loss_model.fused_ce is not None) == (lm_loss == "liger")
         with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
-            out = LossModel(model, lm_loss=lm_loss)(ids)
+            out = loss_model(ids)
         out[0].backward()
         results[lm_loss] = out, [p.grad for p in model.parameters()]
     (ref, ref_grads), (fused, fused_grads) = results["torch"], results["liger"]

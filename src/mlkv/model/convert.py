@@ -368,7 +368,7 @@ def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init
 
     The whole conversion runs inside ``mlkv.files.atomic_dir``: it holds ``dst``'s lock (a second writer
     gets a ``FolderInUseError`` at once), removes what a killed conversion left, and writes a temporary folder
-    (holding a dequantized GGUF source too) renamed to ``dst`` when complete; with ``overwrite`` an existing ``dst``
+    (holding a dequantized GGUF source too when the cache is off) renamed to ``dst`` when complete; with ``overwrite`` an existing ``dst``
     is set aside and deleted only once the new one is in place."""
     dst = Path(dst)
     if dst.exists() and not overwrite:  # before the conversion's work, not after it

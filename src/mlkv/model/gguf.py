@@ -99,6 +99,10 @@ def materialize(spec: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dt
     return Path(dst)
 
 
+#: Bumped when what ``materialize`` writes changes, so that older cache entries are not read.
+CACHE_FORMAT = 1
+
+
 def cache_root() -> Path | None:
     """Where dequantized GGUF models are kept between runs: ``MLKV_CACHE``, else ``$XDG_CACHE_HOME/mlkv``, else
     ``~/.cache/mlkv``; ``MLKV_CACHE=off`` keeps nothing (each use dequantizes into a temporary folder)."""
@@ -117,12 +121,20 @@ def file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _cache_folder() -> Path | None:
-    """``cache_root()/gguf``, made if missing; ``None`` when the cache is off, or cannot be written (said on stderr)."""
+def cache_entry(path: Path, dtype: torch.dtype = torch.float32) -> Path | None:
+    """Where the cache keeps ``path`` dequantized to ``dtype`` (``None`` with the cache off): keyed by the file's
+    sha256, the dtype, the transformers release that dequantizes it and ``CACHE_FORMAT``."""
+    import transformers
+
     root = cache_root()
     if root is None:
         return None
-    folder = root / "gguf"
+    return root / "gguf" / (f"{file_digest(path)[:16]}-{str(dtype).removeprefix('torch.')}"
+                            f"-transformers{transformers.__version__}-v{CACHE_FORMAT}")
+
+
+def _writable(folder: Path) -> bool:
+    """``folder`` made if missing and writable; if not, said on stderr."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         problem = None if os.access(folder, os.W_OK) else "not writable"
@@ -131,30 +143,35 @@ def _cache_folder() -> Path | None:
     if problem:
         print(f"mlkv: not caching the dequantized GGUF in {folder} ({problem}); set MLKV_CACHE to a writable folder",
               file=sys.stderr)
-        return None
-    return folder
+    return not problem
 
 
 def dequantized(spec: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Path | None:
-    """The GGUF model as a Hugging Face folder in the cache (``cache_root``), written by ``materialize`` on first
+    """The GGUF model as a Hugging Face folder in the cache (``cache_entry``), written by ``materialize`` on first
     use: dequantizing SmolLM2 and rebuilding its tokenizer takes about 20 s on CPU, reading the folder back under
-    a second. Processes asking at once wait for the one writing it. ``None`` when the cache is off or cannot be
-    written (said on stderr): the caller then dequantizes into a temporary folder as before."""
-    from mlkv.files import FolderInUseError, folder_lock
+    a second. A second process asking meanwhile waits for the first (a lock of its own: ``atomic_dir`` holds the
+    entry's). ``None`` when the cache is off, cannot be written, or the disk fills while writing it (said on
+    stderr): the caller then dequantizes into a temporary folder as before."""
+    from mlkv.diskspace import disk_full
+    from mlkv.files import folder_lock
 
-    path, folder = resolve_gguf(spec), _cache_folder()
-    if folder is None:
+    path = resolve_gguf(spec)
+    entry = cache_entry(path, dtype)
+    if entry is None or not _writable(entry.parent):
         return None
-    entry = folder / f"{file_digest(path)[:16]}-{str(dtype).removeprefix('torch.')}"
-    try:
-        if not entry.is_dir():
-            materialize(path, entry)
-    except FileExistsError:
-        pass  # another process finished it after the check
-    except FolderInUseError:
-        with folder_lock(entry, "mlkv gguf", wait=True):
-            pass  # another process is writing it: wait for it
-    return entry if entry.is_dir() else None
+    with folder_lock(entry.with_name(entry.name + ".fill"), "mlkv gguf", wait=True):
+        if entry.is_dir():
+            return entry
+        try:
+            materialize(path, entry, dtype)
+            print(f"mlkv: kept the dequantized {path.name} in {entry} for later runs (MLKV_CACHE=off keeps nothing)",
+                  file=sys.stderr)
+            return entry
+        except Exception as exc:
+            if not disk_full(exc):
+                raise
+    print(f"mlkv: not caching the dequantized GGUF in {entry.parent} (the disk is full)", file=sys.stderr)
+    return None
 
 
 #: What ``materialize`` records of a GGUF file's metadata (for the model card of a model made from it).

@@ -82,7 +82,8 @@ class LossModel(nn.Module):
             return self._sums(hidden, targets, None, DEFAULT_CHUNK_TOKENS, recompute=False)[0], predicted
         if self.fused_ce is not None:
             head = self.model.get_output_embeddings()
-            ce = self.fused_ce(head.weight, hidden.flatten(0, 1), targets.flatten(), head.bias) / predicted  # (B*T, H)
+            flat = hidden.flatten(0, 1)  # (B, T, H) -> (B*T, H)
+            ce = self.fused_ce(head.weight, flat, targets.flatten(), head.bias) / predicted
             zero = ce.new_zeros(()).detach()
             return ce, ce.detach(), zero, zero
         teacher_out = None
