@@ -1,8 +1,9 @@
 """Writing files without leaving half of one, and one writer per output folder: the bottom floor of the package.
 
 The atomic writers ``atomic_write`` / ``atomic_json`` / ``atomic_dir`` (a temporary name in the same folder, then
-``os.replace``), the output-folder lock ``folder_lock``, and ``clean_stale_temps`` / ``clean_stale_temps_under`` for
-the temporary files a killed writer left. Imports nothing of mlkv but its error type, so every subpackage can use it.
+``os.replace``), the output-folder lock ``folder_lock``, ``clean_stale_temps`` / ``clean_stale_temps_under`` for
+the temporary files a killed writer left, and ``sha256_file`` (checkpoint integrity, the GGUF cache's key). Imports
+nothing of mlkv but its error type, so every subpackage can use it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +24,11 @@ from pathlib import Path
 from typing import IO, Any
 
 from mlkv.errors import UsageError
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 # ---- atomic writes --------------------------------------------------------------------------------------------------

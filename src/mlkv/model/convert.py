@@ -352,9 +352,12 @@ def hf_source(src: str | Path, near: Path):
     conversion's dequantized copy goes with it)."""
     from mlkv.model.gguf import dequantized, is_gguf, materialize
 
-    cached = dequantized(src) if is_gguf(src) else None
-    if not is_gguf(src) or cached:
-        yield cached or Path(src)
+    if not is_gguf(src):
+        yield Path(src)
+        return
+    cached = dequantized(src)
+    if cached is not None:
+        yield cached
         return
     near.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=near) as tmp:
@@ -368,8 +371,8 @@ def convert_checkpoint(src: str | Path, dst: str | Path, plan: str = "mha", init
 
     The whole conversion runs inside ``mlkv.files.atomic_dir``: it holds ``dst``'s lock (a second writer
     gets a ``FolderInUseError`` at once), removes what a killed conversion left, and writes a temporary folder
-    (holding a dequantized GGUF source too when the cache is off) renamed to ``dst`` when complete; with ``overwrite`` an existing ``dst``
-    is set aside and deleted only once the new one is in place."""
+    (holding a dequantized GGUF source too when the cache is off) renamed to ``dst`` when complete; with
+    ``overwrite`` an existing ``dst`` is set aside and deleted only once the new one is in place."""
     dst = Path(dst)
     if dst.exists() and not overwrite:  # before the conversion's work, not after it
         raise FileExistsError(f"{dst} already exists; pass --overwrite to replace it")

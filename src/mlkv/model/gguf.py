@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mlkv.errors import UsageError, require_extra
+from mlkv.files import sha256_file
 from mlkv.model.provenance import SOURCE_RECORD
 
 #: Known GGUF files that ship inside PyPI packages: name -> (package, file inside it, the install line).
@@ -94,7 +95,7 @@ def materialize(spec: str | os.PathLike, dst: str | os.PathLike, dtype: torch.dt
     with atomic_dir(dst, overwrite=overwrite, command="mlkv gguf") as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        atomic_json(tmp / SOURCE_RECORD, {"gguf": str(path), "sha256": file_digest(path), "dtype": str(dtype),
+        atomic_json(tmp / SOURCE_RECORD, {"gguf": str(path), "sha256": sha256_file(path), "dtype": str(dtype),
                                           "note": "dequantized by transformers' GGUF loader", **gguf_facts(path)})
     return Path(dst)
 
@@ -112,24 +113,16 @@ def cache_root() -> Path | None:
     return Path(value or Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache") / "mlkv").expanduser()
 
 
-def file_digest(path: Path) -> str:
-    """The file's sha256 (a fifth of a second for SmolLM2's 98 MB): the cache key, so that a changed file at the
-    same path is dequantized again."""
-    import hashlib
-
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def cache_entry(path: Path, dtype: torch.dtype = torch.float32) -> Path | None:
     """Where the cache keeps ``path`` dequantized to ``dtype`` (``None`` with the cache off): keyed by the file's
-    sha256, the dtype, the transformers release that dequantizes it and ``CACHE_FORMAT``."""
+    sha256 (a fifth of a second for SmolLM2's 98 MB; a changed file at the same path is dequantized again), the
+    dtype, the transformers release that dequantizes it and ``CACHE_FORMAT``."""
     import transformers
 
     root = cache_root()
     if root is None:
         return None
-    return root / "gguf" / (f"{file_digest(path)[:16]}-{str(dtype).removeprefix('torch.')}"
+    return root / "gguf" / (f"{sha256_file(path)[:16]}-{str(dtype).removeprefix('torch.')}"
                             f"-transformers{transformers.__version__}-v{CACHE_FORMAT}")
 
 

@@ -26,7 +26,6 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -41,7 +40,7 @@ from torch import nn
 
 from mlkv.checkpoints import copy_companions
 from mlkv.errors import UsageError
-from mlkv.files import atomic_json
+from mlkv.files import atomic_json, sha256_file
 from mlkv.training.outdir import CHECKPOINT, STATE_FILE, fsync_files, staging
 from mlkv.training.runtime import Dist
 
@@ -73,11 +72,6 @@ def read_state(folder: Path) -> dict:
     if not isinstance(state, dict) or not isinstance(state.get("step"), int):
         raise CorruptCheckpointError(f"{path}: not a trainer state (no step)")
     return state
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def file_digests(folder: Path) -> dict[str, str]:

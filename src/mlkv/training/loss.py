@@ -80,29 +80,31 @@ class LossModel(nn.Module):
         predicted = input_ids.shape[0] * (input_ids.shape[1] - 1)
         if evaluate:
             return self._sums(hidden, targets, None, DEFAULT_CHUNK_TOKENS, recompute=False)[0], predicted
-        if self.fused_ce is not None:
-            head = self.model.get_output_embeddings()
-            flat = hidden.flatten(0, 1)  # (B, T, H) -> (B*T, H)
-            ce = self.fused_ce(head.weight, flat, targets.flatten(), head.bias) / predicted
-            zero = ce.new_zeros(()).detach()
+        if self.teacher is None:
+            ce = self._lm_sum(hidden, targets) / predicted
+            zero = torch.zeros_like(ce).detach()
             return ce, ce.detach(), zero, zero
-        teacher_out = None
-        if self.teacher is not None:
-            with torch.no_grad():
-                teacher_out = self.teacher.base_model(input_ids=input_ids, use_cache=False,
-                                                      output_hidden_states=layers)
-        teacher_last = None if teacher_out is None else teacher_out.last_hidden_state  # (B, T, H)
+        with torch.no_grad():
+            teacher_out = self.teacher.base_model(input_ids=input_ids, use_cache=False, output_hidden_states=layers)
+        teacher_last = teacher_out.last_hidden_state  # (B, T, H)
         ce, kl = self._sums(hidden, targets, teacher_last, self.chunk_tokens, recompute=True)
         ce, kl = ce / predicted, kl / input_ids.numel()
         zero = torch.zeros_like(ce).detach()
-        if self.teacher is None:
-            return ce, ce.detach(), zero, zero
         loss = self.alpha * self.temperature**2 * kl + (1.0 - self.alpha) * ce
         dist_h = zero
         if layers:
             dist_h = hidden_distance(out.hidden_states, teacher_out.hidden_states)
             loss = loss + self.hidden_weight * dist_h
         return loss, ce.detach(), kl.detach(), dist_h.detach()
+
+    def _lm_sum(self, hidden, targets):
+        """The summed cross-entropy of training without a teacher: liger's fused kernel (``--lm-loss liger``), else
+        the logits in chunks (``_sums``, its eager reference)."""
+        if self.fused_ce is None:
+            return self._sums(hidden, targets, None, self.chunk_tokens, recompute=True)[0]
+        head = self.model.get_output_embeddings()
+        flat = hidden.flatten(0, 1)  # (B, T, H) -> (B*T, H)
+        return self.fused_ce(head.weight, flat, targets.flatten(), head.bias)
 
     def _sums(self, hidden, targets, teacher_hidden, chunk_tokens: int, recompute: bool):
         """Summed cross-entropy and KL over chunks of ``chunk_tokens`` tokens (whole sequence if 0)."""
